@@ -1,0 +1,115 @@
+"""Hand-written router styles: the model's own router maths with the edit applied to the logits.
+
+Each style reproduces a transformers 5.x router family line for line after ``F.linear`` (checked
+bit-for-bit against the unpatched router and against the generic interception in the tests), so a
+zero edit is exact and the call costs no interception overhead. ``selection_only`` makes the edit
+move the choice of experts while the weights keep the unedited scores (like DeepSeek-V3's
+``e_score_correction_bias``); the bias then receives no gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EditFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def softmax_topk(
+    router: nn.Module, hidden: torch.Tensor, edit: EditFn, selection_only: bool, *,
+    always_renorm: bool = False, cast_weights: bool = True, float_logits: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """OLMoE / Qwen2-MoE / Qwen3-MoE / Mixtral: softmax over E, top-k, optional renorm."""
+    hidden = hidden.reshape(-1, router.hidden_dim)
+    raw = F.linear(hidden, router.weight)
+    logits = edit(raw)
+    src = logits.float() if float_logits else logits
+    probs = F.softmax(src, dim=-1, dtype=torch.float)
+    top_v, top_i = torch.topk(probs, router.top_k, dim=-1)
+    if selection_only:
+        raw_src = raw.float() if float_logits else raw
+        top_v = F.softmax(raw_src, dim=-1, dtype=torch.float).gather(1, top_i)
+    if always_renorm or getattr(router, "norm_topk_prob", False):
+        top_v = top_v / top_v.sum(dim=-1, keepdim=True)
+    if cast_weights:
+        top_v = top_v.to(logits.dtype)
+    return logits, top_v, top_i
+
+
+def topk_softmax(
+    router: nn.Module, hidden: torch.Tensor, edit: EditFn, selection_only: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPT-OSS: top-k on the logits (with the router's own bias), softmax over the selected."""
+    raw = F.linear(hidden, router.weight, router.bias)
+    logits = edit(raw)
+    top_v, top_i = torch.topk(logits, router.top_k, dim=-1)
+    if selection_only:
+        top_v = raw.gather(-1, top_i)
+    scores = F.softmax(top_v, dim=1, dtype=top_v.dtype)
+    return logits, scores, top_i
+
+
+def softmax_group(
+    router: nn.Module, hidden: torch.Tensor, edit: EditFn, selection_only: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DeepSeek-V2: fp32 softmax, greedy or group-limited greedy top-k, scaled, no renorm."""
+    hidden = hidden.view(-1, router.hidden_dim)
+    raw = F.linear(hidden.type(torch.float32), router.weight.type(torch.float32))
+    logits = edit(raw)
+    scores = logits.softmax(dim=-1, dtype=torch.float32)
+    if router.topk_method == "group_limited_greedy":
+        n_group, per = router.num_group, router.num_experts // router.num_group
+        group_scores = scores.view(-1, n_group, per).max(dim=-1).values
+        group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, per).reshape(-1, router.num_experts)
+        scores = scores.masked_fill(~score_mask.bool(), 0.0)
+    elif router.topk_method != "greedy":
+        raise ValueError(f"unsupported DeepSeek-V2 topk_method {router.topk_method!r}")
+    top_v, top_i = torch.topk(scores, k=router.top_k, dim=-1, sorted=False)
+    if selection_only:
+        top_v = raw.softmax(dim=-1, dtype=torch.float32).gather(1, top_i)
+    return logits, top_v * router.routed_scaling_factor, top_i
+
+
+def sigmoid_group(
+    router: nn.Module, hidden: torch.Tensor, edit: EditFn, selection_only: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3 / GLM4-MoE / dots1: sigmoid + correction bias, grouped top-k, weights from sigmoid."""
+    hidden = hidden.view(-1, router.hidden_dim)
+    raw = F.linear(hidden.type(torch.float32), router.weight.type(torch.float32))
+    logits = edit(raw)
+    scores = logits.sigmoid()
+    choice = scores + router.e_score_correction_bias
+    n_experts = _attr(router, "num_experts", "n_routed_experts")
+    n_group = _attr(router, "num_group", "n_group")
+    per = n_experts // n_group
+    group_scores = choice.view(-1, n_group, per).topk(2, dim=-1)[0].sum(dim=-1)
+    group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+    score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, per).reshape(-1, n_experts)
+    choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
+    top_i = torch.topk(choice, k=router.top_k, dim=-1, sorted=False)[1]
+    top_v = (raw.sigmoid() if selection_only else scores).gather(1, top_i)
+    if router.norm_topk_prob:
+        top_v = top_v / (top_v.sum(dim=-1, keepdim=True) + 1e-20)
+    return logits, top_v * router.routed_scaling_factor, top_i
+
+
+def _attr(router: nn.Module, *names: str) -> Any:
+    for name in names:
+        if hasattr(router, name):
+            return getattr(router, name)
+    raise AttributeError(f"{type(router).__name__} has none of {names}")
+
+
+STYLES: dict[str, Any] = {
+    "softmax_topk": softmax_topk,
+    "topk_softmax": topk_softmax,
+    "softmax_group": softmax_group,
+    "sigmoid_group": sigmoid_group,
+}
