@@ -83,6 +83,17 @@ class RoutingRecorder:
             out.append(per_token[mask.to(per_token.device)].mean() if mask is not None else per_token.mean())
         return torch.stack(out)
 
+    def confidence_rows(self, batch_size: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-layer, per-row confidence ``[L, B]`` for a forward over ``[B, S]`` tokens (``mask`` ``[B, S]``)."""
+        out = []
+        for lid in self.layer_ids:
+            p = self.probs(lid)
+            sel = p.gather(1, self.selected(lid).long())
+            per_token = -(sel.clamp_min(1e-30).log()).mean(dim=-1).view(batch_size, -1)
+            m = torch.ones_like(per_token) if mask is None else mask.to(per_token.device).float()
+            out.append((per_token * m).sum(dim=1) / m.sum(dim=1).clamp_min(1))
+        return torch.stack(out)
+
     def expert_counts(self, layer_id: int, mask: torch.Tensor | None = None) -> torch.Tensor:
         """How often each expert was selected ``[E]`` (over masked tokens)."""
         sel = self.selected(layer_id).long()
@@ -90,10 +101,13 @@ class RoutingRecorder:
             sel = sel[mask.to(sel.device)]
         return torch.bincount(sel.flatten(), minlength=self.num_experts)[: self.num_experts]
 
-    def selection_sets(self) -> list[torch.Tensor]:
-        """Per layer, a bool ``[T, E]`` mask of selected experts (for routing-change diagnostics)."""
-        out = []
-        for lid in self.layer_ids:
+    def selection_sets(self, *, missing_ok: bool = False) -> list[torch.Tensor | None]:
+        """Per layer, a bool ``[T, E]`` mask of selected experts (None for unrecorded layers if ``missing_ok``)."""
+        out: list[torch.Tensor | None] = []
+        for slot, lid in enumerate(self.layer_ids):
+            if missing_ok and not self._logits[slot]:
+                out.append(None)
+                continue
             sel = self.selected(lid).long()
             m = torch.zeros(sel.shape[0], self.num_experts, dtype=torch.bool, device=sel.device)
             out.append(m.scatter_(1, sel, True))

@@ -1,0 +1,279 @@
+"""Online rerouting: rounds, cache exactness, KV policies, batching, guards and failure safety."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM, OlmoeConfig, Qwen3MoeConfig
+
+import ttadapt
+from ttadapt.adapt import RoundRunner, position_ids
+
+
+def _olmoe(seed: int = 0, layers: int = 4) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = OlmoeConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=16, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=4, num_experts=8, num_experts_per_tok=2,
+        eos_token_id=None, bos_token_id=None, pad_token_id=0,
+    )
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def _qwen3(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = Qwen3MoeConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=16, moe_intermediate_size=16,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, eos_token_id=None, pad_token_id=0,
+    )
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+FAST = ttadapt.RerouteConfig(lr=0.5, steps=3, interval=5, selection="top_C", ratio=0.5, guard=False)
+
+
+def _ids(seed: int, length: int, batch: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, 128, (batch, length), generator=g)
+
+
+@settings(max_examples=6, deadline=None)
+@given(interval=st.integers(1, 7), new=st.integers(1, 14))
+def test_round_count_rule(interval: int, new: int) -> None:
+    model = _olmoe()
+    cfg = FAST.replace(interval=interval, steps=1)
+    out, trace = ttadapt.generate(model, _ids(1, 12), reroute=cfg, max_new_tokens=new, do_sample=False, return_trace=True)
+    assert out.shape[1] == 12 + new
+    assert trace.generated == new
+    assert trace.num_rounds == ttadapt.rounds_for(new, interval) == 1 + (new - 1) // interval
+
+
+@pytest.mark.parametrize("policy", ["full", "partial"])
+@pytest.mark.parametrize("factory", [_olmoe, _qwen3])
+def test_cache_after_round_equals_fresh_forward(policy: str, factory) -> None:
+    model = factory()
+    ids = _ids(2, 20)
+    mask = torch.ones_like(ids)
+    cfg = FAST.replace(kv_policy=policy, selection="last_n")
+    with ttadapt.patch(model) as handle:
+        handle.load_state(handle.new_state())
+        res = RoundRunner(model, handle, cfg).run(ids, mask, ids.shape[1], want_cache=True)
+        assert res.trace.skipped is None and res.trace.delta_mean_abs > 0
+        assert min(res.trace.selected_layers) > 0  # partial really skips a prefix here
+        with torch.no_grad():
+            step = model(input_ids=ids[:, -1:], past_key_values=res.cache, use_cache=True).logits[:, -1]
+            fresh = model(input_ids=ids).logits[:, -1]
+        torch.testing.assert_close(step, fresh, rtol=1e-5, atol=1e-5)
+
+
+def test_partial_and_full_generate_identically() -> None:
+    model = _olmoe(3)
+    ids = _ids(4, 16)
+    outs = {
+        p: ttadapt.generate(model, ids, reroute=FAST.replace(kv_policy=p), max_new_tokens=14, do_sample=False)
+        for p in ("partial", "full")
+    }
+    assert torch.equal(outs["partial"], outs["full"])
+    plain = model.generate(ids, max_new_tokens=14, do_sample=False)
+    assert not torch.equal(outs["full"], plain) or True  # adaptation may or may not flip a token
+
+
+def test_stale_keeps_cache_and_differs_only_by_approximation() -> None:
+    model = _olmoe(5)
+    ids = _ids(6, 16)
+    out, trace = ttadapt.generate(
+        model, ids, reroute=FAST.replace(kv_policy="stale"), max_new_tokens=12, do_sample=False, return_trace=True
+    )
+    assert out.shape == (1, 28)
+    assert trace.num_rounds == ttadapt.rounds_for(12, FAST.interval)
+
+
+def test_zero_steps_equals_plain_generate() -> None:
+    model = _olmoe(7)
+    ids = _ids(8, 10)
+    plain = model.generate(ids, max_new_tokens=15, do_sample=False)
+    out = ttadapt.generate(model, ids, reroute=FAST.replace(steps=0), max_new_tokens=15, do_sample=False)
+    assert torch.equal(out, plain)
+    torch.manual_seed(3)
+    plain_s = model.generate(ids, max_new_tokens=15, do_sample=True, top_k=0)
+    torch.manual_seed(3)
+    out_s = ttadapt.generate(model, ids, reroute=FAST.replace(steps=0), max_new_tokens=15, do_sample=True, top_k=0)
+    assert torch.equal(out_s, plain_s)
+
+
+def test_reset_per_prompt_gives_same_output_twice_and_persist_carries_delta() -> None:
+    model = _olmoe(9)
+    ids = _ids(10, 14)
+    r = ttadapt.Rerouter(model, FAST)
+    a = r.generate(ids, max_new_tokens=10, do_sample=False)
+    b = r.generate(ids, max_new_tokens=10, do_sample=False)
+    assert torch.equal(a, b)
+    persist = ttadapt.Rerouter(model, FAST.replace(reset_per_prompt=False))
+    s1 = persist.adapt(ids)
+    s2 = persist.adapt(ids)
+    assert not torch.equal(s1.delta, s2.delta)  # the second call started from the first's delta
+
+
+def test_batch_rows_equal_each_row_alone() -> None:
+    model = _olmoe(11)
+    a, b = _ids(12, 14)[0], _ids(13, 9)[0]
+    batch = torch.zeros(2, 14, dtype=torch.long)
+    mask = torch.zeros(2, 14, dtype=torch.long)
+    batch[0], mask[0] = a, 1
+    batch[1, 5:], mask[1, 5:] = b, 1
+    cfg = FAST.replace(interval=4)
+    out = ttadapt.generate(model, batch, attention_mask=mask, reroute=cfg, max_new_tokens=9, do_sample=False)
+    alone_a = ttadapt.generate(model, a[None], reroute=cfg, max_new_tokens=9, do_sample=False)
+    alone_b = ttadapt.generate(model, b[None], reroute=cfg, max_new_tokens=9, do_sample=False)
+    assert torch.equal(out[0, 14:], alone_a[0, 14:])
+    assert torch.equal(out[1, 14:], alone_b[0, 9:])
+
+
+def test_adapt_returns_per_row_state_matching_single_rows() -> None:
+    model = _olmoe(14)
+    ids = _ids(15, 16, batch=2)
+    both = ttadapt.Rerouter(model, FAST).adapt(ids)
+    assert both.batch_size == 2
+    for row in range(2):
+        alone = ttadapt.Rerouter(model, FAST).adapt(ids[row : row + 1])
+        torch.testing.assert_close(both.delta[:, row], alone.delta, rtol=1e-4, atol=1e-6)
+
+
+def test_state_apply_reproduces_adapted_forward() -> None:
+    model = _olmoe(16)
+    ids = _ids(17, 16)
+    state = ttadapt.Rerouter(model, FAST).adapt(ids)
+    assert ttadapt.get_handle(model) is None  # adapt left the model unpatched
+    with torch.no_grad():
+        base = model(ids).logits
+        with state.apply(model):
+            adapted = model(ids).logits
+        again = model(ids).logits
+    assert not torch.equal(base, adapted)
+    assert torch.equal(base, again)
+
+
+def test_nan_is_reverted_and_reported() -> None:
+    model = _olmoe(18)
+    ids = _ids(19, 16)
+
+    def poison(module, args, out):
+        return out * float("nan") if torch.is_grad_enabled() else out
+
+    hook = model.model.norm.register_forward_hook(poison)
+    try:
+        state, trace = ttadapt.Rerouter(model, FAST).adapt(ids, return_trace=True)
+    finally:
+        hook.remove()
+    assert any("non-finite" in e for e in trace.events)
+    assert torch.isfinite(state.delta).all() and not state.delta.any()
+
+
+def test_model_left_unpatched_on_exception() -> None:
+    model = _olmoe(20)
+
+    def boom(module, args, out):
+        if torch.is_grad_enabled():
+            raise RuntimeError("injected")
+        return out
+
+    hook = model.model.norm.register_forward_hook(boom)
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            ttadapt.generate(model, _ids(21, 16), reroute=FAST, max_new_tokens=4)
+    finally:
+        hook.remove()
+    assert ttadapt.get_handle(model) is None
+    router = model.model.layers[0].mlp.gate
+    assert "forward" not in router.__dict__
+
+
+def test_short_context_skips_adaptation() -> None:
+    model = _olmoe(22)
+    out, trace = ttadapt.generate(model, _ids(23, 3), reroute=FAST, max_new_tokens=2, do_sample=False, return_trace=True)
+    assert trace.rounds[0].skipped is not None
+    assert torch.equal(out, model.generate(_ids(23, 3), max_new_tokens=2, do_sample=False))
+
+
+def test_guard_never_worsens_heldout_context_loss() -> None:
+    model = _olmoe(24)
+    ids = _ids(25, 40)
+    cfg = ttadapt.RerouteConfig(lr=5.0, steps=4, interval=None, selection="all", guard=True, val_fraction=0.3)
+    state, trace = ttadapt.Rerouter(model, cfg).adapt(ids, return_trace=True)
+    r = trace.rounds[0]
+    assert r.val_loss and min(r.val_loss) <= r.val_loss[0]
+    kept = r.val_loss[r.chosen] if r.chosen is not None else r.val_loss[0]
+    assert kept == min(r.val_loss) or r.chosen == 0
+
+
+def test_num_return_sequences_share_prefill_state() -> None:
+    model = _olmoe(26)
+    ids = _ids(27, 12)
+    torch.manual_seed(0)
+    out, trace = ttadapt.generate(
+        model, ids, reroute=FAST.replace(interval=4), max_new_tokens=8, do_sample=True,
+        num_return_sequences=3, return_trace=True,
+    )
+    assert out.shape == (3, 20)
+    assert torch.equal(out[:, :12], ids.repeat(3, 1))
+    assert trace.num_rounds == ttadapt.rounds_for(8, 4)
+
+
+def test_streamer_sees_every_token_once() -> None:
+    model = _olmoe(28)
+    ids = _ids(29, 10)
+
+    class Collect:
+        def __init__(self) -> None:
+            self.puts: list[torch.Tensor] = []
+            self.ended = 0
+
+        def put(self, value: torch.Tensor) -> None:
+            self.puts.append(value.reshape(-1))
+
+        def end(self) -> None:
+            self.ended += 1
+
+    s = Collect()
+    out = ttadapt.generate(model, ids, reroute=FAST.replace(interval=3), max_new_tokens=8, do_sample=False, streamer=s)
+    assert torch.equal(torch.cat(s.puts), out[0])
+    assert s.ended == 1
+
+
+def test_steering_is_kept_during_rerouting() -> None:
+    model = _olmoe(30)
+    ids = _ids(31, 14)
+    with ttadapt.patch(model) as handle:
+        handle.steer(promote=3, layers=[1], bias=1e4)
+        state = ttadapt.Rerouter(model, FAST).adapt(ids)
+        assert state.steer[1, 3] == 1e4
+        with handle.record() as rec, torch.no_grad():
+            model(ids)
+        assert (rec.selected(1) == 3).any(dim=1).all()
+
+
+def test_config_validation_and_presets() -> None:
+    with pytest.raises(ValueError, match="kv_policy"):
+        ttadapt.RerouteConfig(kv_policy="bogus")
+    with pytest.raises(ValueError, match="explicit"):
+        ttadapt.RerouteConfig(selection="explicit")
+    with pytest.raises(ValueError, match="presets are"):
+        ttadapt.RerouteConfig.preset("nope")
+    paper = ttadapt.RerouteConfig.preset("paper")
+    assert (paper.lr, paper.steps, paper.interval, paper.guard) == (0.05, 5, 128, False)
+    assert ttadapt.RerouteConfig.from_dict(paper.to_dict()) == paper
+    assert ttadapt.RerouteConfig.preset("fast").steps < paper.steps
+
+
+def test_position_ids_match_generate_convention() -> None:
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert position_ids(mask).tolist() == [[1, 1, 0, 1, 2], [0, 1, 2, 3, 4]]

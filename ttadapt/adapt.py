@@ -1,0 +1,251 @@
+"""One adaptation round: confidence pass -> layer selection -> gradient steps on delta -> KV cache.
+
+The round works on ``ids`` (left-padded ``[B, T]``); every forward runs over ``ids[:, :-1]`` so
+that its logits score every target and its cache is exactly what ``generate`` continues from.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ttadapt.config import RerouteConfig
+from ttadapt.handle import PatchHandle
+from ttadapt.layer_skip import LayerInputs, skip_below, splice_cache, supports_partial
+from ttadapt.selection import needs_confidence, select_layers
+from ttadapt.trace import RoundTrace
+
+
+@dataclass
+class RoundResult:
+    """The cache over ``ids[:, :-1]`` under the kept state (None: let ``generate`` prefill) and the trace."""
+
+    cache: Any
+    trace: RoundTrace
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions as ``generate`` computes them for left-padded batches."""
+    pos = mask.long().cumsum(-1) - 1
+    return pos.masked_fill(mask == 0, 1)
+
+
+def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token next-token cross-entropy ``[B, T]`` in fp32."""
+    B, T, V = logits.shape
+    return F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1), reduction="none").view(B, T)
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)
+
+
+class RoundRunner:
+    """Runs adaptation rounds for one patched model and config."""
+
+    def __init__(self, model: nn.Module, handle: PatchHandle, cfg: RerouteConfig) -> None:
+        self.model = model
+        self.handle = handle
+        self.cfg = cfg
+        self.layers = handle.model.get_submodule(handle.info.spec.layers_path)
+
+    # ------------------------------------------------------------------ masks
+    def _target_masks(
+        self, mask: torch.Tensor, prompt_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fit mask, held-out mask) over targets ``[B, T-1]``."""
+        cfg = self.cfg
+        valid = mask[:, 1:].bool() & mask[:, :-1].bool()
+        idx = torch.arange(1, mask.shape[1], device=mask.device)[None, :]
+        if cfg.loss_mask == "prompt":
+            valid &= idx < prompt_len
+        elif cfg.loss_mask == "generated":
+            valid &= idx >= prompt_len
+        if cfg.max_context is not None:
+            valid &= idx > mask.shape[1] - 1 - cfg.max_context
+        if not cfg.guard:
+            return valid, torch.zeros_like(valid)
+        n = valid.sum(dim=1, keepdim=True)
+        n_val = torch.clamp((n.float() * cfg.val_fraction).round().long(), min=1)
+        rank_from_end = valid.flip(1).cumsum(1).flip(1)  # 1 for the last valid target
+        held = valid & (rank_from_end <= n_val)
+        return valid & ~held, held
+
+    # ------------------------------------------------------------------ forwards
+    def _forward(
+        self, x: torch.Tensor, xm: torch.Tensor, pos: torch.Tensor, *, use_cache: bool
+    ) -> Any:
+        return self.model(input_ids=x, attention_mask=xm, position_ids=pos, use_cache=use_cache, return_dict=True)
+
+    def run(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        prompt_len: int,
+        *,
+        want_cache: bool,
+        stale_cache: Any = None,
+    ) -> RoundResult:
+        """Adapt ``handle.state`` on the context ``ids`` and return the cache to continue from."""
+        cfg, handle = self.cfg, self.handle
+        state = handle.state
+        trace = RoundTrace(position=int(ids.shape[1]))
+        x, y, xm = ids[:, :-1], ids[:, 1:], mask[:, :-1]
+        pos = position_ids(mask)[:, :-1]
+        fit_m, val_m = self._target_masks(mask, prompt_len)
+        fit_f, val_f = fit_m.float(), val_m.float()
+        policy = cfg.kv_policy
+        if cfg.steps == 0 or int(fit_m.sum(dim=1).min()) < cfg.min_tokens:
+            trace.skipped = "steps=0" if cfg.steps == 0 else f"fewer than {cfg.min_tokens} fit tokens"
+            return RoundResult(cache=stale_cache if policy == "stale" else None, trace=trace)
+        if not cfg.warm_start:
+            with torch.no_grad():
+                state.delta.zero_()
+
+        # 1. confidence pass (also: held-out loss of "no change", layer inputs, cache under the start state)
+        t0 = time.perf_counter()
+        conf_cache_wanted = want_cache and policy != "stale"
+        with torch.no_grad(), handle.record() as rec, LayerInputs(self.layers) as cap:
+            out = self._forward(x, xm, pos, use_cache=conf_cache_wanted)
+        conf_cache = out.past_key_values if conf_cache_wanted else None
+        ce0 = token_losses(out.logits, y)
+        del out
+        B = ids.shape[0]
+        conf = rec.confidence_rows(B, mask=xm) if needs_confidence(cfg) else None  # [L, B]
+        before = rec.selection_sets()
+        picks = [select_layers(cfg, state.layer_ids, None if conf is None else conf[:, b]) for b in range(B)]
+        weights = torch.stack([w for _, w in picks], dim=1)  # [L, B]
+        slots = sorted({s for sl, _ in picks for s in sl})
+        first = state.layer_ids[min(slots)]
+        hidden = cap.inputs.get(first)
+        cap.inputs.clear()
+        trace.selected_layers = [state.layer_ids[s] for s in slots]
+        if B > 1:
+            trace.rows_selected = [[state.layer_ids[s] for s in sl] for sl, _ in picks]
+        trace.confidence = [] if conf is None else [round(float(c), 5) for c in conf.mean(dim=1)]
+        trace.times["confidence"] = time.perf_counter() - t0
+
+        # 2. gradient steps on the selected layers' delta (layers below `first` replayed)
+        t0 = time.perf_counter()
+        val0 = _masked_mean(ce0, val_f)
+        candidates: list[tuple[torch.Tensor, torch.Tensor | None]] = [(state.delta.detach().clone(), val0)]
+        gmask = (weights[:, :1] if state.delta.dim() == 2 else weights[:, :, None]).to(state.device)
+        with torch.enable_grad(), handle.trainable(slots) as delta, skip_below(self.layers, first, hidden):
+            opt = (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD)([delta], lr=cfg.lr)
+            prev: float | None = None
+            for step in range(cfg.steps):
+                ce = token_losses(self._forward(x, xm, pos, use_cache=False).logits, y)
+                loss = _masked_mean(ce, fit_f).sum()
+                if not torch.isfinite(loss):
+                    trace.events.append(f"non-finite loss at step {step}: kept the last good delta")
+                    break
+                cur = float(loss.detach())
+                if step > 0:
+                    candidates[step] = (candidates[step][0], _masked_mean(ce.detach(), val_f))
+                trace.fit_loss.append(cur / ids.shape[0])
+                if cfg.early_stop is not None and prev is not None and prev - cur < cfg.early_stop * abs(prev):
+                    trace.events.append(f"early stop at step {step}")
+                    break
+                prev = cur
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if delta.grad is None or not torch.isfinite(delta.grad).all():
+                    trace.events.append(f"non-finite gradient at step {step}: kept the last good delta")
+                    break
+                delta.grad.mul_(gmask)
+                last_good = delta.detach().clone()
+                opt.step()
+                with torch.no_grad():
+                    if cfg.max_abs is not None:
+                        delta.clamp_(-cfg.max_abs, cfg.max_abs)
+                    if not torch.isfinite(delta).all():
+                        delta.copy_(last_good)
+                        trace.events.append(f"non-finite delta after step {step}: reverted to the last good delta")
+                        break
+                candidates.append((delta.detach().clone(), None))
+        trace.times["steps"] = time.perf_counter() - t0
+
+        # 3. refresh: cache (and held-out loss) under the final delta
+        t0 = time.perf_counter()
+        partial = policy == "partial" and (conf_cache is None or supports_partial(conf_cache))
+        cache, ce_final, after = self._refresh(
+            x, y, xm, pos, first, hidden, build=want_cache and policy != "stale", partial=partial, conf_cache=conf_cache
+        )
+        if ce_final is not None and len(candidates) > 1:
+            candidates[-1] = (candidates[-1][0], _masked_mean(ce_final, val_f))
+        trace.routing_changed = _changed(before, after)
+
+        # 4. guard: keep the candidate with the lowest held-out loss (per row)
+        if cfg.guard:
+            chosen = self._choose(candidates, state)
+            trace.chosen = chosen if isinstance(chosen, int) else None
+            trace.val_loss = [float(v.mean()) for _, v in candidates if v is not None]
+            if chosen != len(candidates) - 1 and want_cache and policy != "stale":
+                if chosen == 0 and conf_cache is not None:
+                    cache = conf_cache
+                else:
+                    cache, _, _ = self._refresh(
+                        x, y, xm, pos, first, hidden, build=True, partial=partial, conf_cache=conf_cache, record=False
+                    )
+        else:
+            trace.chosen = len(candidates) - 1
+        trace.times["refresh"] = time.perf_counter() - t0
+        state.refresh()
+        trace.delta_mean_abs = float(state.delta.detach().abs().mean())
+        if policy == "stale":
+            cache = stale_cache if stale_cache is not None else None
+        return RoundResult(cache=cache, trace=trace)
+
+    def _refresh(
+        self, x, y, xm, pos, first, hidden, *, build: bool, partial: bool, conf_cache: Any, record: bool = True
+    ) -> tuple[Any, torch.Tensor | None, list[torch.Tensor | None] | None]:
+        """No-grad forward under the current state: (cache or None, per-token CE, selections)."""
+        skip = first if (partial or not build) else 0
+        with torch.no_grad(), skip_below(self.layers, skip, hidden):
+            if record:
+                with self.handle.record() as rec:
+                    out = self._forward(x, xm, pos, use_cache=build)
+                after = rec.selection_sets(missing_ok=True)
+            else:
+                out = self._forward(x, xm, pos, use_cache=build)
+                after = None
+        cache = out.past_key_values if build else None
+        if build and skip > 0 and not splice_cache(cache, conf_cache, skip):
+            with torch.no_grad():
+                cache = self._forward(x, xm, pos, use_cache=True).past_key_values
+        return cache, token_losses(out.logits, y), after
+
+    def _choose(self, candidates: list[tuple[torch.Tensor, torch.Tensor | None]], state: Any) -> int | str:
+        """Set ``state.delta`` to the best held-out candidate per row; return its index (or 'mixed')."""
+        scored = [(i, d, v) for i, (d, v) in enumerate(candidates) if v is not None]
+        vals = torch.stack([v for _, _, v in scored])  # [N, B]
+        base = vals[0]
+        best = vals.argmin(dim=0)
+        ok = vals.gather(0, best[None]).squeeze(0) < base * (1 - self.cfg.min_gain)
+        best = torch.where(ok, best, torch.zeros_like(best))
+        picks = [scored[int(b)][0] for b in best]
+        with torch.no_grad():
+            if state.delta.dim() == 2:
+                state.delta.copy_(candidates[picks[0]][0])
+            else:
+                for row, i in enumerate(picks):
+                    state.delta[:, row].copy_(candidates[i][0][:, row])
+        return picks[0] if len(set(picks)) == 1 else "mixed"
+
+
+def _changed(before: list[torch.Tensor], after: list[torch.Tensor | None] | None) -> float | None:
+    """Fraction of (token, layer) top-k sets that differ between two recordings of the same tokens."""
+    if after is None:
+        return None
+    diffs, total = 0, 0
+    for b, a in zip(before, after):
+        if a is None or a.shape != b.shape:
+            continue
+        diffs += int((a != b).any(dim=1).sum())
+        total += a.shape[0]
+    return diffs / total if total else None

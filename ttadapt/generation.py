@@ -1,0 +1,263 @@
+"""Rerouter and ttadapt.generate: adapt at prefill and every ``interval`` tokens, decode with HF generate.
+
+Decoding is the model's own ``generate`` run in chunks of ``interval`` tokens (so GenerationConfig,
+greedy/sampling, logits processors, stopping criteria and streamers behave as usual); between
+chunks an adaptation round updates ``delta`` and hands ``generate`` a cache that matches it.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ttadapt.adapt import RoundRunner
+from ttadapt.config import RerouteConfig
+from ttadapt.handle import PatchHandle, get_handle, patch
+from ttadapt.state import RouterState
+from ttadapt.trace import AdaptationTrace
+
+
+class _FinishedRows:
+    """Logits processor forcing the pad token for rows that ended in an earlier chunk."""
+
+    def __init__(self, finished: torch.Tensor, pad_id: int) -> None:
+        self.finished = finished
+        self.pad_id = pad_id
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if not bool(self.finished.any()):
+            return scores
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.pad_id] = 0.0
+        return torch.where(self.finished[:, None].to(scores.device), forced, scores)
+
+
+class _ChunkStreamer:
+    """Forwards one continuous stream to a user streamer across chunked ``generate`` calls."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.skip_next_put = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.skip_next_put:
+            self.skip_next_put = False
+            return
+        self.inner.put(value)
+
+    def end(self) -> None:
+        self.skip_next_put = True  # the next chunk starts by re-putting its prompt
+
+    def finish(self) -> None:
+        self.inner.end()
+
+
+class Rerouter:
+    """Online rerouting for one model: ``adapt`` a state on a context, or ``generate`` with it.
+
+    The model is patched on first use if it is not already (and unpatched again afterwards when
+    ttadapt patched it), so a Rerouter never leaves a model patched by surprise.
+    """
+
+    def __init__(self, model: nn.Module, config: RerouteConfig | str | None = None) -> None:
+        if isinstance(config, str):
+            config = RerouteConfig.preset(config)
+        self.model = model
+        self.config = config or RerouteConfig.preset("default")
+        self._persist: RouterState | None = None
+
+    # ------------------------------------------------------------------ helpers
+    def _handle(self) -> tuple[PatchHandle, bool]:
+        handle = get_handle(self.model)
+        return (handle, False) if handle is not None else (patch(self.model), True)
+
+    def _start_state(self, handle: PatchHandle, rows: int) -> RouterState:
+        if not self.config.reset_per_prompt and self._persist is not None:
+            base = self._persist
+            return base.per_row(rows) if rows > 1 else base.row(0) if base.batch_size else base.clone()
+        state = handle.new_state(batch_size=rows if rows > 1 else None)
+        cur = handle.state  # keep the user's steering (delta starts from zero)
+        with torch.no_grad():
+            state.steer.copy_(cur.steer)
+            state.force.copy_(cur.force)
+        state.refresh()
+        return state
+
+    def _remember(self, state: RouterState) -> None:
+        if not self.config.reset_per_prompt:
+            self._persist = state.clone() if state.batch_size is None else state.row(0)
+
+    # ------------------------------------------------------------------ adapt
+    def adapt(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        return_trace: bool = False,
+    ) -> RouterState | tuple[RouterState, AdaptationTrace]:
+        """Run one adaptation round on the context and return the resulting state (per-row if B > 1)."""
+        ids, mask = _check_inputs(input_ids, attention_mask)
+        handle, owned = self._handle()
+        trace = AdaptationTrace(config=self.config.to_dict())
+        try:
+            state = self._start_state(handle, ids.shape[0])
+            with handle.use_state(state):
+                res = RoundRunner(self.model, handle, self.config).run(ids, mask, ids.shape[1], want_cache=False)
+            trace.rounds.append(res.trace)
+            self._remember(state)
+        finally:
+            if owned:
+                handle.unpatch()
+        return (state, trace) if return_trace else state
+
+    # ------------------------------------------------------------------ generate
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        generation_config: Any = None,
+        return_trace: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """Like ``model.generate`` with rerouting; with ``return_trace=True`` returns ``(output, trace)``."""
+        ids, mask = _check_inputs(input_ids, attention_mask)
+        cfg = self.config
+        gen = copy.deepcopy(generation_config or self.model.generation_config)
+        streamer = kwargs.pop("streamer", None)
+        logits_processor = list(kwargs.pop("logits_processor", None) or [])
+        stopping = kwargs.pop("stopping_criteria", None)
+        gen.update(**{k: kwargs.pop(k) for k in list(kwargs) if hasattr(gen, k)})
+        if kwargs:
+            unknown = ", ".join(sorted(kwargs))
+            raise TypeError(f"ttadapt.generate got unknown arguments: {unknown}")
+        max_new = gen.max_new_tokens
+        if max_new is None:
+            max_new = max(0, (gen.max_length or 20) - ids.shape[1])
+        gen.max_length = None
+        n_ret = gen.num_return_sequences or 1
+        beams = gen.num_beams or 1
+        chunked = cfg.steps > 0 and cfg.interval is not None and cfg.interval < max_new
+        if beams > 1 and chunked:
+            raise ValueError(
+                "beam search cannot be re-adapted mid-generation; use interval=None (prefill-only "
+                "adaptation) with num_beams > 1"
+            )
+        eos = gen.eos_token_id
+        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        pad_id = gen.pad_token_id if gen.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+        gen.pad_token_id = pad_id
+
+        handle, owned = self._handle()
+        trace = AdaptationTrace(config=cfg.to_dict())
+        runner = RoundRunner(self.model, handle, cfg)
+        prompt_len = ids.shape[1]
+        stream = _ChunkStreamer(streamer) if streamer is not None else None
+        try:
+            state = self._start_state(handle, ids.shape[0])
+            with handle.use_state(state):
+                res = runner.run(ids, mask, prompt_len, want_cache=True)
+                trace.rounds.append(res.trace)
+                cache = res.cache
+                if n_ret > 1 and beams == 1:
+                    ids, mask, cache = _expand(ids, mask, cache, n_ret)
+                    if state.batch_size is not None or n_ret > 1:
+                        handle.load_state(_expand_state(state, ids.shape[0], n_ret))
+                    gen.num_return_sequences = 1
+                finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+                procs = [_FinishedRows(finished, pad_id), *logits_processor]
+                produced, out = 0, None
+                while True:
+                    chunk = min(cfg.interval, max_new - produced) if chunked else max_new - produced
+                    t0 = time.perf_counter()
+                    gen.max_new_tokens = chunk
+                    out = self.model.generate(
+                        input_ids=ids,
+                        attention_mask=mask,
+                        past_key_values=cache,
+                        generation_config=gen,
+                        logits_processor=procs,
+                        stopping_criteria=stopping,
+                        streamer=stream,
+                        return_dict_in_generate=True,
+                    )
+                    trace.decode_time += time.perf_counter() - t0
+                    new = out.sequences[:, ids.shape[1] :]
+                    got = new.shape[1]
+                    produced += got
+                    if eos_ids and got:
+                        hit = torch.zeros_like(finished)
+                        for e in eos_ids:
+                            hit |= (new == e).any(dim=1)
+                        finished |= hit
+                    mask = torch.cat([mask, mask.new_ones(mask.shape[0], got)], dim=1)
+                    ids = out.sequences
+                    if produced >= max_new or got < chunk or bool(finished.all()) or not chunked:
+                        break
+                    res = runner.run(ids, mask, prompt_len, want_cache=True, stale_cache=out.past_key_values)
+                    trace.rounds.append(res.trace)
+                    cache = res.cache
+                trace.generated = produced
+                self._remember(handle.state)
+            if stream is not None:
+                stream.finish()
+        finally:
+            if owned:
+                handle.unpatch()
+        result = ids if not gen.return_dict_in_generate else out
+        return (result, trace) if return_trace else result
+
+
+def _check_inputs(input_ids: Any, attention_mask: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError("input_ids must be a [batch, seq] LongTensor (tokenizer(..., return_tensors='pt'))")
+    if input_ids.shape[1] < 1:
+        raise ValueError("input_ids is empty: give at least one token")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
+    if input_ids.shape[0] > 1 and bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("batched inputs must be LEFT-padded (tokenizer.padding_side = 'left')")
+    return input_ids, attention_mask.to(input_ids.device)
+
+
+def _expand(ids: torch.Tensor, mask: torch.Tensor, cache: Any, n: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    ids = ids.repeat_interleave(n, dim=0)
+    mask = mask.repeat_interleave(n, dim=0)
+    if cache is not None:
+        cache.batch_repeat_interleave(n)
+    return ids, mask, cache
+
+
+def _expand_state(state: RouterState, rows: int, n: int) -> RouterState:
+    src = state.per_row(rows // n) if state.batch_size is None else state
+    return src.select_rows(torch.arange(rows // n).repeat_interleave(n))
+
+
+def generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    reroute: RerouteConfig | str | None = None,
+    **generate_kwargs: Any,
+) -> Any:
+    """``model.generate`` with online rerouting (``reroute``: a RerouteConfig or preset name)."""
+    return Rerouter(model, reroute).generate(input_ids, attention_mask, **generate_kwargs)
+
+
+def rounds_for(generated: int, interval: int | None) -> int:
+    """Adaptation rounds of a generation: 1 at prefill + one before each later chunk of ``interval``."""
+    if interval is None or generated <= 0:
+        return 1
+    return 1 + (generated - 1) // interval
+
+
+__all__: Sequence[str] = ("Rerouter", "generate", "rounds_for")

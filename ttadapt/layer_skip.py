@@ -1,0 +1,82 @@
+"""Reuse the no-grad prefix: layers below the lowest adapted layer do not depend on ``delta``.
+
+During a round their output is computed once (in the confidence pass) and replayed, so steps and
+the cache refresh only run layers >= ``first``; the refreshed cache then takes the old KV of the
+skipped layers (exact: those layers saw the same inputs and routing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class LayerInputs:
+    """Captures the hidden-state input of every decoder layer during one forward."""
+
+    def __init__(self, layers: nn.ModuleList) -> None:
+        self.layers = layers
+        self.inputs: dict[int, torch.Tensor] = {}
+        self._hooks: list[Any] = []
+
+    def __enter__(self) -> LayerInputs:
+        for i, layer in enumerate(self.layers):
+            self._hooks.append(layer.register_forward_pre_hook(self._make(i), with_kwargs=True))
+        return self
+
+    def _make(self, i: int) -> Any:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            h = args[0] if args else kwargs.get("hidden_states")
+            if isinstance(h, torch.Tensor):
+                self.inputs[i] = h.detach()
+
+        return hook
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+
+@contextlib.contextmanager
+def skip_below(layers: nn.ModuleList, first: int, hidden: torch.Tensor | None) -> Iterator[None]:
+    """Inside the block, decoder layers ``< first`` return ``hidden`` without computing."""
+    if first <= 0 or hidden is None:
+        yield
+        return
+    def replay(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden
+
+    patched = [layers[i] for i in range(first)]
+    try:
+        for layer in patched:
+            layer.forward = replay
+        yield
+    finally:
+        for layer in patched:
+            layer.__dict__.pop("forward", None)
+
+
+def splice_cache(new: Any, old: Any, first: int) -> bool:
+    """Copy layers ``< first`` of ``old`` into ``new`` (DynamicCache only). Returns False if unsupported."""
+    if first <= 0:
+        return True
+    if not (_is_plain_dynamic(new) and _is_plain_dynamic(old)):
+        return False
+    for i in range(first):
+        new.layers[i] = old.layers[i]
+    return True
+
+
+def _is_plain_dynamic(cache: Any) -> bool:
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+
+
+def supports_partial(cache: Any) -> bool:
+    """Whether ``partial`` KV refresh can splice this cache type (plain attention DynamicCache)."""
+    return _is_plain_dynamic(cache)
