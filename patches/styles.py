@@ -21,6 +21,7 @@ EditFn = Callable[[torch.Tensor], torch.Tensor]
 
 def softmax_topk(
     router: nn.Module, hidden: torch.Tensor, edit: EditFn, selection_only: bool, *,
+    straight_through: bool = False,
     always_renorm: bool = False, cast_weights: bool = True, float_logits: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """OLMoE / Qwen2-MoE / Qwen3-MoE / Mixtral: softmax over E, top-k, optional renorm."""
@@ -35,26 +36,45 @@ def softmax_topk(
         top_v = F.softmax(raw_src, dim=-1, dtype=torch.float).gather(1, top_i)
     if always_renorm or getattr(router, "norm_topk_prob", False):
         top_v = top_v / top_v.sum(dim=-1, keepdim=True)
+    if straight_through and not selection_only:
+        top_v = _straight_through(top_v, probs.gather(1, top_i))
     if cast_weights:
         top_v = top_v.to(logits.dtype)
     return logits, top_v, top_i
 
 
 def topk_softmax(
-    router: nn.Module, hidden: torch.Tensor, edit: EditFn, selection_only: bool
+    router: nn.Module, hidden: torch.Tensor, edit: EditFn, selection_only: bool, *,
+    straight_through: bool = False,
+    linear_bias: bool = True, float_logits: bool = False, cast_like_hidden: bool = False,
+    index_first: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GPT-OSS: top-k on the logits (with the router's own bias), softmax over the selected."""
-    raw = F.linear(hidden, router.weight, router.bias)
+    """Top-k on the logits, softmax over the selected values.
+
+    GPT-OSS (defaults: the router's own bias enters ``F.linear``); GraniteMoE (+Shared, +Hybrid, +SWA:
+    ``linear_bias=False, float_logits=True, cast_like_hidden=True``, index-first output except SWA);
+    Aria (``linear_bias=False, index_first=True``).
+    """
+    raw = F.linear(hidden, router.weight, router.bias) if linear_bias else F.linear(hidden, router.weight)
     logits = edit(raw)
+    if float_logits:
+        raw, logits = raw.float(), logits.float()
     top_v, top_i = torch.topk(logits, router.top_k, dim=-1)
     if selection_only:
         top_v = raw.gather(-1, top_i)
-    scores = F.softmax(top_v, dim=1, dtype=top_v.dtype)
+    scores = F.softmax(top_v, dim=-1, dtype=top_v.dtype)
+    if straight_through and not selection_only:
+        scores = _straight_through(scores, F.softmax(logits, dim=-1).gather(-1, top_i))
+    if cast_like_hidden:
+        scores = scores.type_as(hidden)
+    if index_first:
+        return top_i, scores, logits
     return logits, scores, top_i
 
 
 def softmax_group(
-    router: nn.Module, hidden: torch.Tensor, edit: EditFn, selection_only: bool
+    router: nn.Module, hidden: torch.Tensor, edit: EditFn, selection_only: bool, *,
+    straight_through: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DeepSeek-V2: fp32 softmax, greedy or group-limited greedy top-k, scaled, no renorm."""
     hidden = hidden.view(-1, router.hidden_dim)
@@ -77,7 +97,8 @@ def softmax_group(
 
 
 def sigmoid_group(
-    router: nn.Module, hidden: torch.Tensor, edit: EditFn, selection_only: bool
+    router: nn.Module, hidden: torch.Tensor, edit: EditFn, selection_only: bool, *,
+    straight_through: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DeepSeek-V3 / GLM4-MoE / dots1: sigmoid + correction bias, grouped top-k, weights from sigmoid."""
     hidden = hidden.view(-1, router.hidden_dim)
@@ -98,6 +119,11 @@ def sigmoid_group(
     if router.norm_topk_prob:
         top_v = top_v / (top_v.sum(dim=-1, keepdim=True) + 1e-20)
     return logits, top_v * router.routed_scaling_factor, top_i
+
+
+def _straight_through(exact: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """Forward value of ``exact``, gradient of ``dense`` (the full-softmax weights of the selected experts)."""
+    return exact.detach() + (dense - dense.detach()).to(exact.dtype)
 
 
 def _attr(router: nn.Module, *names: str) -> Any:

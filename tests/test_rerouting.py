@@ -277,3 +277,41 @@ def test_config_validation_and_presets() -> None:
 def test_position_ids_match_generate_convention() -> None:
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     assert position_ids(mask).tolist() == [[1, 1, 0, 1, 2], [0, 1, 2, 3, 4]]
+
+
+def test_straight_through_reaches_unselected_experts_without_changing_forward() -> None:
+    model = _qwen3(32)  # renormalising router: never-selected experts get exactly zero gradient
+    ids = _ids(33, 12)
+    with ttadapt.patch(model) as handle:
+        with handle.record() as rec, torch.no_grad():
+            base = model(ids).logits
+        never = [~rec.selection_sets()[i].any(dim=0) for i in range(len(handle.moe_layers))]
+        assert any(n.any() for n in never)
+        grads = {}
+        for st_on in (False, True):
+            handle.load_state(handle.new_state())
+            with handle.trainable() as delta, handle.straight_through(st_on):
+                out = model(ids).logits
+                assert torch.equal(out, base)  # forward values unchanged
+                torch.nn.functional.cross_entropy(out[0, :-1], ids[0, 1:]).backward()
+            grads[st_on] = delta.grad.clone()
+        for i, n in enumerate(never):
+            if n.any():
+                assert grads[False][i][n].abs().max() < 1e-9
+                assert grads[True][i][n].abs().max() > 0
+
+
+def test_prefix_reuse_and_checkpointing_are_exact() -> None:
+    model = _olmoe(34)
+    ids = _ids(35, 20)
+    cfg = FAST.replace(selection="last_n", interval=None)
+    ref = ttadapt.Rerouter(model, cfg.replace(prefix_reuse=False)).adapt(ids)
+    fast = ttadapt.Rerouter(model, cfg).adapt(ids)
+    ckpt = ttadapt.Rerouter(model, cfg.replace(checkpoint_min_tokens=4)).adapt(ids)
+    torch.testing.assert_close(fast.delta, ref.delta, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ckpt.delta, ref.delta, rtol=1e-5, atol=1e-7)
+    outs = [
+        ttadapt.generate(model, ids, reroute=cfg.replace(interval=4, prefix_reuse=p), max_new_tokens=9, do_sample=False)
+        for p in (False, True)
+    ]
+    assert torch.equal(outs[0], outs[1])

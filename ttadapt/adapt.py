@@ -16,7 +16,7 @@ from torch import nn
 
 from ttadapt.config import RerouteConfig
 from ttadapt.handle import PatchHandle
-from ttadapt.layer_skip import LayerInputs, skip_below, splice_cache, supports_partial
+from ttadapt.layer_skip import LayerInputs, checkpoint_from, skip_below, splice_cache, supports_partial
 from ttadapt.selection import needs_confidence, select_layers
 from ttadapt.trace import RoundTrace
 
@@ -135,7 +135,15 @@ class RoundRunner:
         val0 = _masked_mean(ce0, val_f)
         candidates: list[tuple[torch.Tensor, torch.Tensor | None]] = [(state.delta.detach().clone(), val0)]
         gmask = (weights[:, :1] if state.delta.dim() == 2 else weights[:, :, None]).to(state.device)
-        with torch.enable_grad(), handle.trainable(slots) as delta, skip_below(self.layers, first, hidden):
+        replay = first if cfg.prefix_reuse else 0
+        ckpt = cfg.checkpoint_min_tokens is not None and x.shape[1] >= cfg.checkpoint_min_tokens
+        with (
+            torch.enable_grad(),
+            handle.trainable(slots) as delta,
+            skip_below(self.layers, replay, hidden),
+            checkpoint_from(self.layers, replay, ckpt),
+            handle.straight_through(cfg.straight_through),
+        ):
             opt = (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD)([delta], lr=cfg.lr)
             prev: float | None = None
             for step in range(cfg.steps):

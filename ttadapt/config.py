@@ -54,9 +54,14 @@ class RerouteConfig:
         min_gain: relative held-out improvement a candidate needs over "no change" to be kept.
         max_abs: trust region: clamp every delta entry to ``[-max_abs, max_abs]`` (None = off).
         min_tokens: skip a round whose context gives fewer fit targets than this.
-        straight_through: during adaptation passes only, detach renormalisation denominators so
-            that experts outside the top-k receive gradient through the router softmax (no effect
-            on routers without renormalisation, such as OLMoE's).
+        straight_through: during adaptation passes only, give the routing weights the gradient of
+            the dense router softmax (straight-through: forward values unchanged), so experts outside
+            the top-k receive gradient also in renormalising routers (Mixtral, Qwen3, GPT-OSS, ...).
+            Routers without renormalisation (OLMoE, Qwen2-MoE) already pass that gradient.
+        checkpoint_min_tokens: use gradient checkpointing in the adapted layers when the context has
+            at least this many tokens (bounds adaptation memory on long contexts); None = never.
+        prefix_reuse: replay the layers below the lowest adapted layer from the confidence pass
+            instead of recomputing them every step (exact; off only to benchmark the plain loop).
     """
 
     lr: float = 0.05
@@ -79,6 +84,8 @@ class RerouteConfig:
     max_abs: float | None = None
     min_tokens: int = 8
     straight_through: bool = False
+    checkpoint_min_tokens: int | None = None
+    prefix_reuse: bool = True
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -107,6 +114,8 @@ class RerouteConfig:
             raise ValueError(f"RerouteConfig.min_gain must be >= 0, got {self.min_gain!r}")
         if self.max_abs is not None and not self.max_abs > 0:
             raise ValueError(f"RerouteConfig.max_abs must be None or > 0, got {self.max_abs!r}")
+        if self.checkpoint_min_tokens is not None and self.checkpoint_min_tokens < 1:
+            raise ValueError(f"RerouteConfig.checkpoint_min_tokens must be None or >= 1, got {self.checkpoint_min_tokens!r}")
         if self.min_tokens < 1:
             raise ValueError(f"RerouteConfig.min_tokens must be >= 1, got {self.min_tokens!r}")
 

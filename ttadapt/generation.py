@@ -141,6 +141,10 @@ class Rerouter:
         if max_new is None:
             max_new = max(0, (gen.max_length or 20) - ids.shape[1])
         gen.max_length = None
+        min_new = gen.min_new_tokens or 0
+        if gen.min_length:
+            min_new = max(min_new, gen.min_length - ids.shape[1])
+        gen.min_length = 0
         n_ret = gen.num_return_sequences or 1
         beams = gen.num_beams or 1
         chunked = cfg.steps > 0 and cfg.interval is not None and cfg.interval < max_new
@@ -177,6 +181,7 @@ class Rerouter:
                     chunk = min(cfg.interval, max_new - produced) if chunked else max_new - produced
                     t0 = time.perf_counter()
                     gen.max_new_tokens = chunk
+                    gen.min_new_tokens = min(chunk, max(0, min_new - produced)) or None
                     out = self.model.generate(
                         input_ids=ids,
                         attention_mask=mask,

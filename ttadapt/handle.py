@@ -35,6 +35,7 @@ class PatchHandle:
         self._recorder: RoutingRecorder | None = None
         self._originals: list[tuple[nn.Module, bool, Any]] = []
         self._patched = False
+        self._straight_through = False
 
     # ------------------------------------------------------------------ introspection
     @property
@@ -84,6 +85,7 @@ class PatchHandle:
         opts = spec.style_options
         margin = spec.force_margin
         reader = spec.reader
+        top_k = self.info.sites[slot].top_k
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             edit = self._state.edit(slot, margin)
@@ -91,11 +93,14 @@ class PatchHandle:
                 out = orig(*args, **kwargs)
             elif style is not None:
                 hidden = args[0] if args else kwargs["hidden_states"]
-                out = style(router, hidden, edit, self._selection_only, **opts)
+                if self._straight_through:
+                    out = style(router, hidden, edit, self._selection_only, straight_through=True, **opts)
+                else:
+                    out = style(router, hidden, edit, self._selection_only, **opts)
             else:
                 out = generic_forward(router, orig, num_classes, edit, args, kwargs)
             if self._recorder is not None:
-                self._recorder.capture(slot, *reader(out))
+                self._recorder.capture(slot, *reader(out, top_k))
             return out
 
         forward.__ttadapt__ = True  # type: ignore[attr-defined]
@@ -244,6 +249,17 @@ class PatchHandle:
             for p, f in zip(params, flags):
                 p.requires_grad_(f)
             state.delta = delta.detach()
+
+    @contextlib.contextmanager
+    def straight_through(self, enabled: bool = True) -> Iterator[None]:
+        """Inside the block, hand-written styles give routing weights the dense-softmax gradient
+        (forward values unchanged). Generic-style families ignore it."""
+        previous = self._straight_through
+        self._straight_through = enabled and self.info.spec.style != "generic"
+        try:
+            yield
+        finally:
+            self._straight_through = previous
 
     def __repr__(self) -> str:
         status = "patched" if self._patched else "unpatched"

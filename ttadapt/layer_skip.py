@@ -80,3 +80,31 @@ def _is_plain_dynamic(cache: Any) -> bool:
 def supports_partial(cache: Any) -> bool:
     """Whether ``partial`` KV refresh can splice this cache type (plain attention DynamicCache)."""
     return _is_plain_dynamic(cache)
+
+
+@contextlib.contextmanager
+def checkpoint_from(layers: nn.ModuleList, first: int, enabled: bool) -> Iterator[None]:
+    """Gradient-checkpoint decoder layers ``>= first`` inside the block (only those layers enter
+    training mode, so router jitter and dropout elsewhere stay off)."""
+    if not enabled:
+        yield
+        return
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint
+
+    touched = []
+    try:
+        for layer in list(layers)[first:]:
+            if not hasattr(type(layer), "gradient_checkpointing"):
+                continue
+            touched.append((layer, layer.training))
+            layer.gradient_checkpointing = True
+            layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+            layer.training = True
+        yield
+    finally:
+        for layer, was_training in touched:
+            layer.training = was_training
+            layer.__dict__.pop("gradient_checkpointing", None)
+            layer.__dict__.pop("_gradient_checkpointing_func", None)
