@@ -88,17 +88,24 @@ def build_parser() -> argparse.ArgumentParser:
     pt = sub.add_parser("patches", help="list supported model types and what the router bias affects")
     pt.set_defaults(func=_cmd_patches)
 
-    for name, module, help_ in (
-        ("eval", "ttadapt.eval.cli", "benchmarks: base / reroute / icl / sc / reroute+sc (see eval/README.md)"),
-        ("heldout", "ttadapt.eval.heldout", "held-out continuation NLL per domain, base vs presets"),
-    ):
+    for name, (module, help_) in _DELEGATES.items():
         e = sub.add_parser(name, help=help_, add_help=False)
         e.add_argument("rest", nargs=argparse.REMAINDER)
         e.set_defaults(func=lambda a, m=module: _delegate(m, a.rest))
     return p
 
 
+_DELEGATES = {
+    "eval": ("ttadapt.eval.cli", "benchmarks: base / reroute / icl / sc / reroute+sc (see eval/README.md)"),
+    "heldout": ("ttadapt.eval.heldout", "held-out continuation NLL per domain, base vs presets"),
+    "bench": ("ttadapt.eval.bench.cli", "speed and memory: plain generate vs presets (eval/bench/README.md)"),
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _DELEGATES:
+        return _delegate(_DELEGATES[argv[0]][0], argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -1,0 +1,223 @@
+"""``ttadapt bench``: wall time and peak memory of plain generate vs ttadapt presets, with sweeps.
+
+Ratios come from interleaved runs in one process (A B A B ..., warm-up first, median of per-round
+ratios). Peak memory: CUDA allocator peak on GPU; on CPU, peak RSS of a fresh subprocess per
+method (weights included), so the numbers do not depend on what ran before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .measure import interleave, paired_ratio
+from .models import build
+
+METHODS = ("plain", "paper", "paper-naive", "fast", "default")
+
+
+def _config(method: str, args: argparse.Namespace) -> Any:
+    import ttadapt
+
+    if method == "plain":
+        return None
+    if method == "paper-naive":  # the straightforward loop: every layer every step, full re-prefill
+        cfg = ttadapt.RerouteConfig.preset("paper", prefix_reuse=False, kv_policy="full")
+    else:
+        cfg = ttadapt.RerouteConfig.preset(method)
+    over = {}
+    if args.steps is not None:
+        over["steps"] = args.steps
+    if args.interval is not None:
+        over["interval"] = args.interval
+    if args.ratio is not None:
+        over["ratio"] = args.ratio
+    return cfg.replace(**over) if over else cfg
+
+
+def _runner(model: Any, method: str, ids: torch.Tensor, new: int, args: argparse.Namespace) -> Any:
+    import ttadapt
+
+    cfg = _config(method, args)
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    if cfg is None:
+        return lambda: model.generate(ids, **kw)
+    return lambda: ttadapt.generate(model, ids, reroute=cfg, return_trace=True, **kw)
+
+
+def _env(args: argparse.Namespace) -> dict[str, Any]:
+    import transformers
+
+    import ttadapt
+
+    dev = args.device
+    return {
+        "device": torch.cuda.get_device_name(0) if dev.startswith("cuda") else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "ttadapt": ttadapt.__version__,
+        "threads": torch.get_num_threads(),
+        "model": args.model,
+        "layers": args.layers,
+        "dtype": args.dtype,
+    }
+
+
+def run_timing(args: argparse.Namespace) -> list[dict[str, Any]]:
+    dtype = getattr(torch, args.dtype)
+    model, vocab = build(args.model, device=args.device, dtype=dtype, layers=args.layers)
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for ctx in args.context:
+        for new in args.new_tokens:
+            ids = torch.randint(2, vocab, (1, ctx), generator=g).to(args.device)
+            fns = {m: _runner(model, m, ids, new, args) for m in args.methods}
+            res = interleave(fns, repeats=args.repeats, warmup=args.warmup, device=args.device)
+            base = res["plain"]
+            for m, t in res.items():
+                lo, hi = t.spread()
+                rows.append({
+                    "context": ctx, "new_tokens": new, "method": m, "median_s": t.median, "min_s": lo, "max_s": hi,
+                    "ratio": paired_ratio(t, base), "phases": t.phase_medians(),
+                    "peak_mib": max(t.peak_bytes) / 2**20 if t.peak_bytes else None,
+                })
+            print(f"context {ctx}, {new} new: " + ", ".join(f"{r['method']} {r['ratio']:.2f}x" for r in rows[-len(res):]), file=sys.stderr)
+    return rows
+
+
+def run_memory(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Peak RSS per method in a fresh process (CPU), or CUDA peak in-process on GPU."""
+    rows = []
+    for ctx in args.context:
+        for m in args.methods:
+            cmd = [sys.executable, "-m", "ttadapt.eval.bench.cli", "_one", "--method", m, "--context", str(ctx),
+                   "--new-tokens", str(args.new_tokens[0]), "--model", args.model, "--device", args.device,
+                   "--dtype", args.dtype] + (["--layers", str(args.layers)] if args.layers else [])
+            for flag in ("steps", "interval", "ratio"):
+                if getattr(args, flag) is not None:
+                    cmd += [f"--{flag}", str(getattr(args, flag))]
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            out = proc.stdout.read() if proc.stdout else ""
+            _, status, usage = os.wait4(proc.pid, 0)
+            if status != 0:
+                raise RuntimeError(f"memory worker failed for {m} at context {ctx}: {out[-500:]}")
+            info = json.loads(out.strip().splitlines()[-1])
+            peak = info.get("cuda_peak_mib") or usage.ru_maxrss / 1024
+            rows.append({"context": ctx, "method": m, "peak_mib": peak})
+        base = next(r["peak_mib"] for r in rows if r["context"] == ctx and r["method"] == "plain")
+        for r in rows:
+            if r["context"] == ctx:
+                r["ratio"] = r["peak_mib"] / base
+        print(f"memory @ {ctx}: " + ", ".join(f"{r['method']} {r['ratio']:.2f}x" for r in rows if r["context"] == ctx), file=sys.stderr)
+    return rows
+
+
+def _one(args: argparse.Namespace) -> None:
+    dtype = getattr(torch, args.dtype)
+    model, vocab = build(args.model, device=args.device, dtype=dtype, layers=args.layers)
+    ids = torch.randint(2, vocab, (1, args.context[0]), generator=torch.Generator().manual_seed(0)).to(args.device)
+    fn = _runner(model, args.method, ids, args.new_tokens[0], args)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    fn()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else None
+    print(json.dumps({"cuda_peak_mib": peak}))
+
+
+def to_markdown(env: dict[str, Any], timing: list[dict[str, Any]], memory: list[dict[str, Any]]) -> str:
+    layers = f" ({env['layers']} layers)" if env["layers"] else ""
+    lines = [f"Device: {env['device']}; torch {env['torch']}, transformers {env['transformers']}; model {env['model']}"
+             f"{layers}, {env['dtype']}, {env['threads']} threads.", ""]
+    if timing:
+        lines += ["| context | new | method | median s | min–max s | ratio vs plain | confidence | steps | refresh | decode |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in timing:
+            p = r["phases"]
+            lines.append(
+                f"| {r['context']} | {r['new_tokens']} | {r['method']} | {r['median_s']:.3f} | {r['min_s']:.3f}–{r['max_s']:.3f} | "
+                f"**{r['ratio']:.2f}×** | {p.get('confidence', 0):.3f} | {p.get('steps', 0):.3f} | {p.get('refresh', 0):.3f} | "
+                f"{p.get('decode', 0):.3f} |"
+            )
+    if memory:
+        lines += ["", "| context | method | peak MiB | ratio vs plain |", "|---|---|---|---|"]
+        for r in memory:
+            lines.append(f"| {r['context']} | {r['method']} | {r['peak_mib']:.0f} | {r['ratio']:.2f}× |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(timing: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in dict.fromkeys(r["method"] for r in timing):
+        pts = sorted((r["context"], r["ratio"]) for r in timing if r["method"] == m)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("wall time / plain generate")
+    ax.axhline(1.0, color="grey", lw=0.5)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ttadapt bench", description=__doc__)
+    p.add_argument("mode", nargs="?", default="all", choices=["all", "time", "memory", "_one"])
+    p.add_argument("--model", default="embedded", help="embedded | tiny | olmoe-1b-7b | local path")
+    p.add_argument("--layers", type=int, default=None, help="override the layer count of a SHAPES model")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
+    p.add_argument("--context", type=int, nargs="+", default=[200])
+    p.add_argument("--new-tokens", type=int, nargs="+", default=[256])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--method", default="plain", choices=METHODS, help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--interval", type=int, default=None)
+    p.add_argument("--ratio", type=float, default=None)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--memory-context", type=int, nargs="+", default=None, help="contexts for the memory pass")
+    p.add_argument("--out", type=Path, default=None, help="folder for bench.json, bench.md, bench.png")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    if args.mode == "_one":
+        _one(args)
+        return 0
+    if "plain" not in args.methods:
+        args.methods = ["plain", *args.methods]
+    env = _env(args)
+    timing = run_timing(args) if args.mode in ("all", "time") else []
+    memory: list[dict[str, Any]] = []
+    if args.mode in ("all", "memory"):
+        mem_args = argparse.Namespace(**{**vars(args), "context": args.memory_context or args.context})
+        memory = run_memory(mem_args)
+    md = to_markdown(env, timing, memory)
+    print(md)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench.json").write_text(json.dumps({"env": env, "args": {k: str(v) for k, v in vars(args).items()},
+                                                         "timing": timing, "memory": memory}, indent=1))
+        (args.out / "bench.md").write_text(md)
+        if timing and len(args.context) > 1:
+            plot(timing, args.out / "bench.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,30 @@
+"""The benchmark CLI runs end to end on a tiny model and reports ratios against plain generate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+
+def test_bench_smoke(tmp_path: Path) -> None:
+    from ttadapt.eval.bench.cli import main
+
+    rc = main([
+        "--model", "tiny", "--context", "24", "40", "--new-tokens", "6", "--repeats", "1", "--warmup", "0",
+        "--methods", "plain", "paper", "--memory-context", "24", "--interval", "3", "--out", str(tmp_path),
+    ])
+    assert rc == 0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    methods = {r["method"] for r in data["timing"]}
+    assert methods == {"plain", "paper"}
+    plain = [r for r in data["timing"] if r["method"] == "plain"]
+    assert all(r["ratio"] == pytest.approx(1.0) for r in plain)
+    paper = [r for r in data["timing"] if r["method"] == "paper"]
+    assert all(r["phases"]["steps"] > 0 and r["phases"]["decode"] > 0 for r in paper)
+    assert {r["method"] for r in data["memory"]} == methods and all(r["peak_mib"] > 0 for r in data["memory"])
+    assert (tmp_path / "bench.png").stat().st_size > 0
+    assert "ratio vs plain" in (tmp_path / "bench.md").read_text()
