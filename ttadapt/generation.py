@@ -141,6 +141,8 @@ class Rerouter:
         if max_new is None:
             max_new = max(0, (gen.max_length or 20) - ids.shape[1])
         gen.max_length = None
+        want_dict = bool(gen.return_dict_in_generate)
+        gen.return_dict_in_generate = True
         min_new = gen.min_new_tokens or 0
         if gen.min_length:
             min_new = max(min_new, gen.min_length - ids.shape[1])
@@ -190,7 +192,6 @@ class Rerouter:
                         logits_processor=procs,
                         stopping_criteria=stopping,
                         streamer=stream,
-                        return_dict_in_generate=True,
                     )
                     trace.decode_time += time.perf_counter() - t0
                     new = out.sequences[:, ids.shape[1] :]
@@ -215,7 +216,7 @@ class Rerouter:
         finally:
             if owned:
                 handle.unpatch()
-        result = ids if not gen.return_dict_in_generate else out
+        result = out if want_dict else ids
         return (result, trace) if return_trace else result
 
 
