@@ -27,13 +27,39 @@ __all__ = [
 
 #: Family modules in this package; each exports ``SPECS: tuple[FamilySpec, ...]``.
 FAMILY_MODULES: tuple[str, ...] = (
+    # hand-written styles
     "olmoe",
     "qwen2_moe",
     "qwen3_moe",
+    "qwen3_next",
+    "flex_olmo",
+    "mellum",
     "mixtral",
+    "minimax",
     "deepseek_v2",
     "deepseek_v3",
     "gpt_oss",
+    "granite",
+    "aria",
+    # generic interception
+    "afmoe",
+    "axk2",
+    "cohere2_moe",
+    "dbrx",
+    "deepseek_v4",
+    "ernie4_5_moe",
+    "gemma4",
+    "hunyuan",
+    "inkling",
+    "jamba",
+    "jetmoe",
+    "laguna",
+    "lfm2_moe",
+    "llama4",
+    "longcat_flash",
+    "mistral4",
+    "phimoe",
+    "zaya",
 )
 
 _REGISTRY: dict[str, FamilySpec] = {}

@@ -21,11 +21,12 @@ ROUTER_CLASS_RE = re.compile(r"(TopK|Topk|Top1|Top2)?Router$|TopKGating$|Gate$|T
 EditFn = Callable[[torch.Tensor], torch.Tensor]
 #: A style computes the router output from (router module, hidden states, edit, selection_only).
 StyleFn = Callable[[nn.Module, torch.Tensor, EditFn, bool], Any]
-#: Reads (logits [T, E], selected indices [T, k] or None) from a router's output.
-OutputReader = Callable[[Any], tuple[torch.Tensor, torch.Tensor | None]]
+#: Reads (logits [T, E], selected indices [T, k] or None) from a router's output; called as
+#: ``reader(out, top_k)``. Returning None indices makes the recorder take the top-k of its probabilities.
+OutputReader = Callable[[Any, int], tuple[torch.Tensor, torch.Tensor | None]]
 
 
-def default_reader(out: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+def default_reader(out: Any, top_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Most v5 routers return (logits, weights, indices)."""
     if isinstance(out, torch.Tensor):
         return out, None
@@ -34,6 +35,42 @@ def default_reader(out: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         if isinstance(o, torch.Tensor) and not o.is_floating_point() and o.dtype != torch.bool:
             return logits, o
     return logits, None
+
+
+def index_first_reader(out: Any, top_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """GraniteMoE (+Shared, +Hybrid) and Aria return (indices, weights, logits)."""
+    return out[2], out[0]
+
+
+def logits_topk_reader(out: Any, top_k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Routers that select ``topk(logits, k, dim=1)`` but do not return [T, k] indices.
+
+    Llama4 returns (dense scores, logits); JetMoE a 5-tuple ending in the (float) logits. Re-running the
+    router's own ``topk`` on its own returned logits reproduces its selection exactly.
+    """
+    logits = out[1] if len(out) == 2 else out[-1]
+    return logits, torch.topk(logits, top_k, dim=1).indices
+
+
+def block_softmax_topk_reader(out: Any, top_k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """DBRX: the router returns logits only; its block selects ``topk(softmax(logits, dim=1))``."""
+    probs = torch.nn.functional.softmax(out, dim=1, dtype=out.dtype)
+    return out, torch.topk(probs, top_k, dim=-1).indices
+
+
+def probs_first_reader(out: Any, top_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gemma4 returns (softmax probabilities, weights, indices): record log-probabilities as logits.
+
+    They differ from the edited logits by a per-token constant, so the recorder's softmax is unchanged.
+    """
+    return out[0].log(), out[2]
+
+
+def skip_class_reader(out: Any, top_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Zaya: E+1 classes; a selected skip class comes back as index 0 with weight 0. Restore it as E."""
+    logits, weights, indices = out[0], out[1], out[2]
+    skip = logits.shape[-1] - 1
+    return logits, torch.where(weights == 0, torch.full_like(indices, skip), indices)
 
 
 @dataclass(frozen=True)
@@ -51,8 +88,17 @@ class FamilySpec:
             style can honour (``"selection"`` = bias moves the choice only, weights use raw scores).
         layers_path: attribute path from the top model to the list of decoder layers.
         force_margin: logit margin used by hard forcing (SteerMoE semantics: max+margin / min-margin).
-        reader: extracts (logits, indices) from the router output for the recorder.
+        reader: extracts (logits, indices) from the router output for the recorder, called as
+            ``reader(out, top_k)``.
         style_options: keyword options passed to the style (e.g. Mixtral's unconditional renorm).
+        num_classes_attr: router attribute holding the width of the logits when it is not the
+            number of experts (Zaya's extra skip class, LongcatFlash's zero experts, Inkling's
+            shared-expert gates); the state then has that many columns.
+        router_class: regex the router's class name must match (default ``ROUTER_CLASS_RE``); used
+            for plain ``nn.Linear`` routers (Jamba) and to skip routers a bias cannot steer
+            (DeepSeek-V4 hash layers).
+        top_k_attr: dotted path from ``model.config`` to top-k when neither the router nor the usual
+            config names hold it (DBRX ``ffn_config.moe_top_k``, Gemma4 ``top_k_experts``).
         notes: one line for ``ttadapt patches``.
     """
 
@@ -67,6 +113,8 @@ class FamilySpec:
     reader: OutputReader = default_reader
     style_options: dict[str, Any] = field(default_factory=dict)
     num_classes_attr: str | None = None
+    router_class: str | None = None
+    top_k_attr: str | None = None
     notes: str = ""
 
     def __post_init__(self) -> None:
@@ -106,7 +154,14 @@ def _num_experts(router: nn.Module, spec: FamilySpec) -> int:
     raise ValueError(f"cannot read the number of experts of router {type(router).__name__}")
 
 
-def _top_k(router: nn.Module, config: Any) -> int:
+def _top_k(router: nn.Module, config: Any, spec: FamilySpec | None = None) -> int:
+    if spec is not None and spec.top_k_attr:
+        v: Any = config
+        for part in spec.top_k_attr.split("."):
+            v = getattr(v, part, None)
+        if isinstance(v, int) and v > 0:
+            return v
+        raise ValueError(f"{spec.model_type}: config.{spec.top_k_attr} is not a positive int ({v!r})")
     for attr in ("top_k", "num_experts_per_tok", "k"):
         v = getattr(router, attr, None)
         if isinstance(v, int) and v > 0:
@@ -130,13 +185,14 @@ def find_sites(model: nn.Module, spec: FamilySpec) -> list[RouterSite]:
             f"(e.g. AutoModelForCausalLM) of that family?"
         ) from exc
     config = getattr(model, "config", None)
+    class_re = re.compile(spec.router_class) if spec.router_class else ROUTER_CLASS_RE
     sites = []
     for i, layer in enumerate(layers):
         try:
             router = layer.get_submodule(spec.router_attr)
         except AttributeError:
             continue  # dense layer (first_k_dense_replace, mlp_only_layers, hybrid blocks)
-        if not ROUTER_CLASS_RE.search(type(router).__name__):
+        if not class_re.search(type(router).__name__):
             continue
         sites.append(
             RouterSite(
@@ -144,7 +200,7 @@ def find_sites(model: nn.Module, spec: FamilySpec) -> list[RouterSite]:
                 path=f"{spec.layers_path}.{i}.{spec.router_attr}",
                 module=router,
                 num_experts=_num_experts(router, spec),
-                top_k=_top_k(router, config),
+                top_k=_top_k(router, config, spec),
             )
         )
     return sites

@@ -36,6 +36,8 @@ class PatchHandle:
         self._originals: list[tuple[nn.Module, bool, Any]] = []
         self._patched = False
         self._straight_through = False
+        self._batch: int | None = None  # sequences in the running forward (checked against per-row states)
+        self._hooks: list[Any] = []
 
     # ------------------------------------------------------------------ introspection
     @property
@@ -75,10 +77,34 @@ class PatchHandle:
                 router = site.module
                 self._originals.append((router, "forward" in router.__dict__, router.__dict__.get("forward")))
                 router.forward = self._make_forward(slot, router, router.forward, style, site.num_experts)
+            body = _decoder_body(unwrap(self.model), spec.layers_path)
+            self._hooks = [
+                body.register_forward_pre_hook(self._note_batch, with_kwargs=True),
+                body.register_forward_hook(self._forget_batch, always_call=True),
+            ]
         except Exception:
             self._restore()
             raise
         self._patched = True
+
+    def _note_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = kwargs.get("input_ids")
+        if x is None:
+            x = kwargs.get("inputs_embeds")
+        if x is None and args:
+            x = args[0]
+        self._batch = int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() >= 2 else None
+
+    def _forget_batch(self, *_: Any) -> None:
+        self._batch = None
+
+    def _check_rows(self) -> None:
+        rows = self._state.batch_size
+        if rows is not None and self._batch is not None and rows != self._batch:
+            raise RuntimeError(
+                f"per-row router state has {rows} rows but the batch has {self._batch} sequences; "
+                "make the state for this batch (RouterState.zeros(model, batch_size=B), state.select_rows(...))"
+            )
 
     def _make_forward(self, slot: int, router: nn.Module, orig: Any, style: Any, num_classes: int) -> Any:
         spec = self.info.spec
@@ -89,6 +115,8 @@ class PatchHandle:
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             edit = self._state.edit(slot, margin)
+            if edit is not None:
+                self._check_rows()
             if edit is None:
                 out = orig(*args, **kwargs)
             elif style is not None:
@@ -107,6 +135,10 @@ class PatchHandle:
         return forward
 
     def _restore(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self._batch = None
         for router, had_own, previous in reversed(self._originals):
             if had_own:
                 router.forward = previous
@@ -284,6 +316,12 @@ def _experts(experts: int | Sequence[int], num_experts: int) -> list[int]:
     if bad:
         raise ValueError(f"expert ids {bad} out of range: this model has experts 0..{num_experts - 1}")
     return ids
+
+
+def _decoder_body(model: nn.Module, layers_path: str) -> nn.Module:
+    """The module that owns the decoder layers (``model.model``; DBRX ``model.transformer``)."""
+    parent = layers_path.rpartition(".")[0]
+    return model.get_submodule(parent) if parent else model
 
 
 def get_handle(model: nn.Module) -> PatchHandle | None:
