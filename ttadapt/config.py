@@ -157,7 +157,7 @@ PRESETS: dict[str, RerouteConfig] = {
     "paper": RerouteConfig(
         lr=0.05, steps=5, interval=128, selection="top_C", ratio=0.5, weighting="hard",
         optimizer="adam", warm_start=True, reset_per_prompt=True, loss_mask="all",
-        kv_policy="full", guard=False, name="paper",
+        kv_policy="partial", guard=False, name="paper",
     ),
     # Cheapest useful setting: fewer steps, rarer rounds, partial cache refresh, early stop.
     "fast": RerouteConfig(
