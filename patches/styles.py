@@ -82,12 +82,8 @@ def softmax_group(
     logits = edit(raw)
     scores = logits.softmax(dim=-1, dtype=torch.float32)
     if router.topk_method == "group_limited_greedy":
-        n_group, per = router.num_group, router.num_experts // router.num_group
-        group_scores = scores.view(-1, n_group, per).max(dim=-1).values
-        group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
-        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
-        score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, per).reshape(-1, router.num_experts)
-        scores = scores.masked_fill(~score_mask.bool(), 0.0)
+        group_scores = scores.view(-1, router.num_group, router.num_experts // router.num_group).max(dim=-1).values
+        scores = _keep_top_groups(scores, group_scores, router.topk_group, 0.0)
     elif router.topk_method != "greedy":
         raise ValueError(f"unsupported DeepSeek-V2 topk_method {router.topk_method!r}")
     top_v, top_i = torch.topk(scores, k=router.top_k, dim=-1, sorted=False)
@@ -108,17 +104,22 @@ def sigmoid_group(
     choice = scores + router.e_score_correction_bias
     n_experts = _attr(router, "num_experts", "n_routed_experts")
     n_group = _attr(router, "num_group", "n_group")
-    per = n_experts // n_group
-    group_scores = choice.view(-1, n_group, per).topk(2, dim=-1)[0].sum(dim=-1)
-    group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
-    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
-    score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, per).reshape(-1, n_experts)
-    choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
+    group_scores = choice.view(-1, n_group, n_experts // n_group).topk(2, dim=-1)[0].sum(dim=-1)
+    choice = _keep_top_groups(choice, group_scores, router.topk_group, float("-inf"))
     top_i = torch.topk(choice, k=router.top_k, dim=-1, sorted=False)[1]
     top_v = (raw.sigmoid() if selection_only else scores).gather(1, top_i)
     if router.norm_topk_prob:
         top_v = top_v / (top_v.sum(dim=-1, keepdim=True) + 1e-20)
     return logits, top_v * router.routed_scaling_factor, top_i
+
+
+def _keep_top_groups(scores: torch.Tensor, group_scores: torch.Tensor, topk_group: int, fill: float) -> torch.Tensor:
+    """Fill the scores of experts outside the ``topk_group`` best groups with ``fill`` (DeepSeek routing)."""
+    n_group = group_scores.shape[-1]
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+    keep = group_mask.unsqueeze(-1).expand(-1, n_group, scores.shape[-1] // n_group).reshape(scores.shape)
+    return scores.masked_fill(~keep.bool(), fill)
 
 
 def _straight_through(exact: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
