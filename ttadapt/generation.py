@@ -146,7 +146,7 @@ class Rerouter:
         min_new = gen.min_new_tokens or 0
         if gen.min_length:
             min_new = max(min_new, gen.min_length - ids.shape[1])
-        gen.min_length = 0
+        gen.min_length = None
         n_ret = gen.num_return_sequences or 1
         beams = gen.num_beams or 1
         chunked = cfg.steps > 0 and cfg.interval is not None and cfg.interval < max_new

@@ -21,7 +21,9 @@ import torch
 from .measure import interleave, paired_ratio
 from .models import build
 
-METHODS = ("plain", "paper", "paper-naive", "fast", "default")
+METHODS = ("plain", "paper", "paper-naive", "paper-last", "paper-last-naive", "fast", "default")
+# "-naive": the straightforward loop (every layer every step, full re-prefill), same results as without.
+# "paper-last": paper settings adapting the last half of the MoE layers (where the no-grad prefix pays off).
 
 
 def _config(method: str, args: argparse.Namespace) -> Any:
@@ -29,10 +31,12 @@ def _config(method: str, args: argparse.Namespace) -> Any:
 
     if method == "plain":
         return None
-    if method == "paper-naive":  # the straightforward loop: every layer every step, full re-prefill
-        cfg = ttadapt.RerouteConfig.preset("paper", prefix_reuse=False, kv_policy="full")
-    else:
-        cfg = ttadapt.RerouteConfig.preset(method)
+    base, _, naive = method.partition("-naive")
+    cfg = ttadapt.RerouteConfig.preset("paper" if base.startswith("paper") else base)
+    if base == "paper-last":
+        cfg = cfg.replace(selection="last_n")
+    if method.endswith("-naive"):
+        cfg = cfg.replace(prefix_reuse=False, kv_policy="full")
     over = {}
     if args.steps is not None:
         over["steps"] = args.steps
@@ -101,6 +105,8 @@ def run_memory(args: argparse.Namespace) -> list[dict[str, Any]]:
             cmd = [sys.executable, "-m", "ttadapt.eval.bench.cli", "_one", "--method", m, "--context", str(ctx),
                    "--new-tokens", str(args.new_tokens[0]), "--model", args.model, "--device", args.device,
                    "--dtype", args.dtype] + (["--layers", str(args.layers)] if args.layers else [])
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
             for flag in ("steps", "interval", "ratio"):
                 if getattr(args, flag) is not None:
                     cmd += [f"--{flag}", str(getattr(args, flag))]
@@ -186,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--interval", type=int, default=None)
     p.add_argument("--ratio", type=float, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--memory-context", type=int, nargs="+", default=None, help="contexts for the memory pass")
@@ -196,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.mode == "_one":
         _one(args)
         return 0
