@@ -98,16 +98,22 @@ class Rerouter:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         *,
+        prompt_len: int | None = None,
         return_trace: bool = False,
     ) -> RouterState | tuple[RouterState, AdaptationTrace]:
-        """Run one adaptation round on the context and return the resulting state (per-row if B > 1)."""
+        """Run one adaptation round on the context and return the resulting state (per-row if B > 1).
+
+        ``prompt_len`` (padded length of the prompt part of ``input_ids``; default: all of it) tells
+        ``loss_mask="prompt"``/``"generated"`` where generated tokens start.
+        """
         ids, mask = _check_inputs(input_ids, attention_mask)
         handle, owned = self._handle()
         trace = AdaptationTrace(config=self.config.to_dict())
         try:
             state = self._start_state(handle, ids.shape[0])
             with handle.use_state(state):
-                res = RoundRunner(self.model, handle, self.config).run(ids, mask, ids.shape[1], want_cache=False)
+                boundary = ids.shape[1] if prompt_len is None else int(prompt_len)
+                res = RoundRunner(self.model, handle, self.config).run(ids, mask, boundary, want_cache=False)
             trace.rounds.append(res.trace)
             self._remember(state)
         finally:

@@ -78,11 +78,6 @@ def generate(
     Returns one :class:`VLLMGeneration` per prompt.
     """
     cfg = reroute if isinstance(reroute, RerouteConfig) else RerouteConfig.preset(reroute or "default")
-    if cfg.loss_mask != "all":
-        raise ValueError(
-            "ttadapt.vllm.generate adapts through Rerouter.adapt, which treats the whole context as prompt; "
-            f"loss_mask={cfg.loss_mask!r} needs the HF ttadapt.generate for now (use loss_mask='all')"
-        )
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     sp_kwargs = dict(sampling or {})
@@ -105,7 +100,7 @@ def generate(
         for i in active:
             r = results[i]
             ctx = r.prompt_token_ids + r.token_ids
-            state = rerouters[i].adapt(torch.tensor([ctx], device=device))
+            state = rerouters[i].adapt(torch.tensor([ctx], device=device), prompt_len=len(r.prompt_token_ids))
             remaining = max_tokens - len(r.token_ids)
             chunk = min(cfg.interval, remaining) if chunked else remaining
             if stale_salts is not None:
