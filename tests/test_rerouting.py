@@ -83,8 +83,6 @@ def test_partial_and_full_generate_identically() -> None:
         for p in ("partial", "full")
     }
     assert torch.equal(outs["partial"], outs["full"])
-    plain = model.generate(ids, max_new_tokens=14, do_sample=False)
-    assert not torch.equal(outs["full"], plain) or True  # adaptation may or may not flip a token
 
 
 def test_stale_keeps_cache_and_differs_only_by_approximation() -> None:
