@@ -2,9 +2,14 @@
 
 For every snippet of ``eval/data/<domain>.jsonl`` (``corpora.py``) the token ids are
 ``[<|endoftext|>] + tokenizer(text)``; the first ``--context`` ids are the context and the next
-``--continuation`` ids are scored. For each configuration the Rerouter adapts on the context only
-(``Rerouter(model, cfg).adapt(context)``), then one forward over context + continuation under the
-adapted state gives the mean cross-entropy of the continuation tokens. ``base`` is the unadapted model.
+``--continuation`` ids are scored. ``base`` is the unadapted model. For each configuration:
+
+* ``--rounds online`` (default; what ``ttadapt.generate`` does): the Rerouter adapts on the context,
+  the next ``interval`` continuation tokens are scored under that state, then it re-adapts
+  (warm-started) on everything seen so far before scoring the next ``interval`` tokens, and so on.
+  Every token is scored by a state adapted only on the tokens before it, as in generation, with the
+  reference text standing in for the generated tokens (teacher forcing).
+* ``--rounds prefill``: one adaptation on the context only; the whole continuation is scored under it.
 
     python -m ttadapt.eval.heldout --model ../shared/models/tiny-olmoe \\
         --domains code,prose,shakespeare,kjv,go,c --snippets 32 --context 256 --continuation 256 \\
@@ -87,24 +92,50 @@ def continuation_nll(model: Any, ids: torch.Tensor, context: int) -> float:
     return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, context:].reshape(-1)))
 
 
-def score_snippet(model: Any, ids: torch.Tensor, context: int, configs: dict[str, Any]) -> dict[str, Any]:
+@torch.no_grad()
+def _span_nll_sum(model: Any, ids: torch.Tensor, start: int, end: int) -> float:
+    """Summed next-token cross-entropy of ``ids[:, start:end]`` given everything before it."""
+    logits = model(input_ids=ids[:, :end], use_cache=False).logits[:, start - 1 : end - 1]
+    targets = ids[:, start:end].reshape(-1)
+    return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, reduction="sum"))
+
+
+def _boundaries(context: int, total: int, cfg: Any, rounds: str) -> list[int]:
+    """Where adaptation rounds happen: the context end, then every ``interval`` tokens (online)."""
+    if rounds == "prefill" or cfg.interval is None:
+        return [context, total]
+    return [*range(context, total, cfg.interval), total]
+
+
+def score_snippet(
+    model: Any, ids: torch.Tensor, context: int, configs: dict[str, Any], rounds: str = "online"
+) -> dict[str, Any]:
     """Base and per-config continuation NLL of one snippet, with each adaptation's trace numbers."""
     from ttadapt.generation import Rerouter
 
     out: dict[str, Any] = {}
+    total = ids.shape[1]
     for label, cfg in configs.items():
         if cfg is None:
             out[label] = {"nll": continuation_nll(model, ids, context)}
             continue
-        t0 = time.perf_counter()
-        state, trace = Rerouter(model, cfg).adapt(ids[:, :context], return_trace=True)
-        adapt_s = time.perf_counter() - t0
-        with state.apply(model):
-            nll = continuation_nll(model, ids, context)
-        r = trace.rounds[0]
+        rerouter = Rerouter(model, cfg.replace(reset_per_prompt=False))  # warm start across rounds
+        bounds = _boundaries(context, total, cfg, rounds)
+        sums, adapt_s, traces = [], 0.0, []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            t0 = time.perf_counter()
+            state, trace = rerouter.adapt(ids[:, :start], prompt_len=context, return_trace=True)
+            adapt_s += time.perf_counter() - t0
+            traces.append(trace.rounds[0])
+            with state.apply(model):
+                sums.append(_span_nll_sum(model, ids, start, end))
+        r = traces[0]
         out[label] = {
-            "nll": nll,
-            "adapt_s": adapt_s,
+            "nll": sum(sums) / (total - context),
+            "nll_per_round": [x / (e - b) for x, b, e in zip(sums, bounds[:-1], bounds[1:])],
+            "adapt_s": adapt_s / len(traces),
+            "rounds": len(traces),
+            "chosen_per_round": [t.chosen for t in traces],
             "fit_loss": [float(x) for x in r.fit_loss],
             "val_loss": [float(x) for x in r.val_loss],
             "chosen": r.chosen,
@@ -186,7 +217,12 @@ def markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
     lines = [
         f"Continuation NLL (nats/token) on held-out snippets: context {s['context']} tokens, scored on the "
-        f"next {s['continuation']}; model `{s['model_name']}`, split `{s['split']}`.",
+        f"next {s['continuation']}; model `{s['model_name']}`, split `{s['split']}`; "
+        + (
+            "re-adapted every `interval` scored tokens (online, as in generation)."
+            if s.get("rounds", "prefill") == "online"
+            else "adapted on the context only (prefill)."
+        ),
         "Δ = relative change of the mean NLL vs base (negative = better); W/L = snippets better/worse than base.",
         "",
         "| domain | kind | n | base | " + " | ".join(f"{c} | Δ {c} | W/L" for c in labels) + " |",
@@ -200,10 +236,10 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {d} | {e['kind']} | {e['n']} | {e['base_nll']:.4f} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Adaptation loss per step (mean next-token CE on the fitted context tokens before each update; "
+        "Adaptation loss per step in the first round (mean next-token CE on the fitted context tokens before each update; "
         "guarded presets fit the head of the context and hold out its tail); kept = share of snippets "
-        "whose adapted delta was kept (guard); mean Δ per snippet = mean of the per-snippet relative "
-        "changes with its standard error; time = seconds per adaptation:",
+        "whose first-round adapted delta was kept (guard); mean Δ per snippet = mean of the per-snippet relative "
+        "changes with its standard error; time = seconds per adaptation round:",
         "",
         "| config | domain | loss per step | kept | mean Δ per snippet ± s.e. | |delta| | time |",
         "|---|---|---|---:|---:|---:|---:|",
@@ -241,6 +277,7 @@ def run(
     split: str = "test",
     data_dir: Path | str | None = None,
     progress: bool = True,
+    rounds: str = "online",
 ) -> list[dict[str, Any]]:
     """Per-snippet records for every domain (the first ``snippets`` long-enough snippets of ``split``)."""
     from tqdm.auto import tqdm
@@ -271,7 +308,7 @@ def run(
                         "domain": d,
                         "id": r["id"],
                         "source": r["source"],
-                        "scores": score_snippet(model, ids, context, configs),
+                        "scores": score_snippet(model, ids, context, configs, rounds),
                     }
                 )
     finally:
@@ -291,6 +328,12 @@ def main(argv: list[str] | None = None) -> int:
         "--configs",
         default=",".join(DEFAULT_CONFIGS),
         help="comma-separated: base, a preset, or preset:key=value:... (base is always included)",
+    )
+    ap.add_argument(
+        "--rounds",
+        default="online",
+        choices=("online", "prefill"),
+        help="online: re-adapt every `interval` scored tokens, as generate does; prefill: adapt on the context only",
     )
     ap.add_argument("--split", default="test", choices=("test", "tune", "all"))
     ap.add_argument("--data-dir", default=str(DATA_DIR))
@@ -324,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         split=None if args.split == "all" else args.split,
         data_dir=args.data_dir,
         progress=not args.quiet,
+        rounds=args.rounds,
     )
     summary = summarise(records, specs)
     result = {
@@ -336,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             "snippets": args.snippets,
             "context": args.context,
             "continuation": args.continuation,
+            "rounds": args.rounds,
             "split": args.split,
             "configs": specs,
             "config_values": {c: (None if v is None else v.to_dict()) for c, v in configs.items()},

@@ -313,3 +313,53 @@ def test_prefix_reuse_and_checkpointing_are_exact() -> None:
         for p in (False, True)
     ]
     assert torch.equal(outs[0], outs[1])
+
+
+REFIT = ttadapt.RerouteConfig(
+    lr=20.0, steps=4, interval=None, selection="all", guard=True, val_fraction=0.3, min_gain=0.0, refit=True
+)
+
+
+def _kept_refit(model: torch.nn.Module, ids: torch.Tensor) -> tuple[ttadapt.RouterState, int]:
+    state, trace = ttadapt.Rerouter(model, REFIT).adapt(ids, return_trace=True)
+    k = trace.rounds[0].chosen
+    assert k is not None and k > 0, "test needs a round whose guard keeps an adapted delta"
+    assert len(trace.rounds[0].refit_loss) == k
+    return state, k
+
+
+def _periodic(seed: int) -> torch.Tensor:
+    """A context whose head predicts its tail, so the guard keeps some (not all) steps."""
+    return _ids(seed, 8).repeat(1, 5)
+
+
+def test_refit_equals_k_unguarded_steps_on_the_whole_context() -> None:
+    model = _olmoe(42)
+    ids = _periodic(43)
+    state, k = _kept_refit(model, ids)
+    assert k < REFIT.steps
+    plain = ttadapt.Rerouter(model, REFIT.replace(refit=False, guard=False, steps=k)).adapt(ids)
+    torch.testing.assert_close(state.delta, plain.delta, rtol=0, atol=1e-6)
+    assert float(state.delta.abs().sum()) > 0
+
+
+def test_refit_batch_rows_equal_rows_alone_and_cache_is_exact() -> None:
+    model = _olmoe(42)
+    ids = torch.cat([_periodic(43), _periodic(44)])
+    alone, ks = zip(*(_kept_refit(model, ids[b : b + 1]) for b in range(2)))
+    assert ks[0] != ks[1]  # rows refit for different step counts
+    both = ttadapt.Rerouter(model, REFIT).adapt(ids)
+    for b in range(2):
+        torch.testing.assert_close(both.delta[:, b], alone[b].delta, rtol=1e-4, atol=1e-4)  # batched matmuls couple rows at ~1e-6
+    with ttadapt.patch(model) as handle:
+        handle.load_state(handle.new_state(batch_size=2))
+        res = RoundRunner(model, handle, REFIT).run(ids, torch.ones_like(ids), ids.shape[1], want_cache=True)
+        with torch.no_grad():
+            step = model(input_ids=ids[:, -1:], past_key_values=res.cache, use_cache=True).logits[:, -1]
+            fresh = model(input_ids=ids).logits[:, -1]
+    torch.testing.assert_close(step, fresh, rtol=1e-5, atol=1e-5)
+
+
+def test_refit_needs_the_guard() -> None:
+    with pytest.raises(ValueError, match="refit=True needs guard=True"):
+        ttadapt.RerouteConfig(guard=False, refit=True)

@@ -137,45 +137,8 @@ class RoundRunner:
         gmask = (weights[:, :1] if state.delta.dim() == 2 else weights[:, :, None]).to(state.device)
         replay = first if cfg.prefix_reuse else 0
         ckpt = cfg.checkpoint_min_tokens is not None and x.shape[1] >= cfg.checkpoint_min_tokens
-        with (
-            torch.enable_grad(),
-            handle.trainable(slots) as delta,
-            skip_below(self.layers, replay, hidden),
-            checkpoint_from(self.layers, replay, ckpt),
-            handle.straight_through(cfg.straight_through),
-        ):
-            opt = (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD)([delta], lr=cfg.lr)
-            prev: float | None = None
-            for step in range(cfg.steps):
-                ce = token_losses(self._forward(x, xm, pos, use_cache=False).logits, y)
-                loss = _masked_mean(ce, fit_f).sum()
-                if not torch.isfinite(loss):
-                    trace.events.append(f"non-finite loss at step {step}: kept the last good delta")
-                    break
-                cur = float(loss.detach())
-                if step > 0:
-                    candidates[step] = (candidates[step][0], _masked_mean(ce.detach(), val_f))
-                trace.fit_loss.append(cur / ids.shape[0])
-                if cfg.early_stop is not None and prev is not None and prev - cur < cfg.early_stop * abs(prev):
-                    trace.events.append(f"early stop at step {step}")
-                    break
-                prev = cur
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if delta.grad is None or not torch.isfinite(delta.grad).all():
-                    trace.events.append(f"non-finite gradient at step {step}: kept the last good delta")
-                    break
-                delta.grad.mul_(gmask)
-                last_good = delta.detach().clone()
-                opt.step()
-                with torch.no_grad():
-                    if cfg.max_abs is not None:
-                        delta.clamp_(-cfg.max_abs, cfg.max_abs)
-                    if not torch.isfinite(delta).all():
-                        delta.copy_(last_good)
-                        trace.events.append(f"non-finite delta after step {step}: reverted to the last good delta")
-                        break
-                candidates.append((delta.detach().clone(), None))
+        descend = _Descent(self, x, y, xm, pos, slots, gmask, replay, hidden, ckpt)
+        descend(fit_f, val_f, cfg.steps, candidates, trace.fit_loss, trace.events)
         trace.times["steps"] = time.perf_counter() - t0
 
         # 3. refresh: cache (and held-out loss) under the final delta
@@ -188,13 +151,20 @@ class RoundRunner:
             candidates[-1] = (candidates[-1][0], _masked_mean(ce_final, val_f))
         trace.routing_changed = _changed(before, after)
 
-        # 4. guard: keep the candidate with the lowest held-out loss (per row)
+        # 4. guard: keep the candidate with the lowest held-out loss (per row); optionally refit
         if cfg.guard:
-            chosen = self._choose(candidates, state)
-            trace.chosen = chosen if isinstance(chosen, int) else None
+            kept = self._choose(candidates, state)
+            trace.chosen = kept[0] if len(set(kept)) == 1 else None
             trace.val_loss = [float(v.mean()) for _, v in candidates if v is not None]
-            if chosen != len(candidates) - 1 and want_cache and policy != "stale":
-                if chosen == 0 and conf_cache is not None:
+            rebuild = kept != [len(candidates) - 1] * len(kept)
+            if cfg.refit and max(kept) > 0:
+                t1 = time.perf_counter()
+                self._refit(descend, candidates[0][0], kept, fit_f + val_f, trace)
+                trace.times["refit"] = time.perf_counter() - t1
+                t0 += trace.times["refit"]
+                rebuild = True
+            if rebuild and want_cache and policy != "stale":
+                if max(kept) == 0 and conf_cache is not None:
                     cache = conf_cache
                 else:
                     cache, _, _ = self._refresh(
@@ -228,8 +198,8 @@ class RoundRunner:
                 cache = self._forward(x, xm, pos, use_cache=True).past_key_values
         return cache, token_losses(out.logits, y), after
 
-    def _choose(self, candidates: list[tuple[torch.Tensor, torch.Tensor | None]], state: Any) -> int | str:
-        """Set ``state.delta`` to the best held-out candidate per row; return its index (or 'mixed')."""
+    def _choose(self, candidates: list[tuple[torch.Tensor, torch.Tensor | None]], state: Any) -> list[int]:
+        """Set ``state.delta`` to the best held-out candidate per row; return each row's candidate index."""
         scored = [(i, d, v) for i, (d, v) in enumerate(candidates) if v is not None]
         vals = torch.stack([v for _, _, v in scored])  # [N, B]
         base = vals[0]
@@ -237,13 +207,86 @@ class RoundRunner:
         ok = vals.gather(0, best[None]).squeeze(0) < base * (1 - self.cfg.min_gain)
         best = torch.where(ok, best, torch.zeros_like(best))
         picks = [scored[int(b)][0] for b in best]
+        _set_rows(state, [candidates[i][0] for i in picks])
+        return picks
+
+    def _refit(self, descend: _Descent, start: torch.Tensor, picks: list[int], all_f: torch.Tensor, trace: Any) -> None:
+        """Re-run each row's chosen number of steps from the round's start on every target (head and tail)."""
+        state = self.handle.state
         with torch.no_grad():
-            if state.delta.dim() == 2:
-                state.delta.copy_(candidates[picks[0]][0])
-            else:
-                for row, i in enumerate(picks):
-                    state.delta[:, row].copy_(candidates[i][0][:, row])
-        return picks[0] if len(set(picks)) == 1 else "mixed"
+            state.delta.copy_(start)
+        path: list[tuple[torch.Tensor, torch.Tensor | None]] = [(start, None)]
+        descend(all_f, None, max(picks), path, trace.refit_loss, trace.events)
+        _set_rows(state, [path[min(k, len(path) - 1)][0] for k in picks])
+
+
+class _Descent:
+    """Gradient steps on the trainable slots of ``handle.state.delta`` for one round's context."""
+
+    def __init__(self, runner: RoundRunner, x, y, xm, pos, slots, gmask, replay, hidden, ckpt) -> None:
+        self.r, self.x, self.y, self.xm, self.pos = runner, x, y, xm, pos
+        self.slots, self.gmask, self.replay, self.hidden, self.ckpt = slots, gmask, replay, hidden, ckpt
+
+    def __call__(
+        self,
+        fit_f: torch.Tensor,
+        val_f: torch.Tensor | None,
+        steps: int,
+        candidates: list[tuple[torch.Tensor, torch.Tensor | None]],
+        losses: list[float],
+        events: list[str],
+    ) -> None:
+        """Take up to ``steps`` steps; append each new delta to ``candidates`` (with its held-out loss once known)."""
+        r, cfg, handle = self.r, self.r.cfg, self.r.handle
+        with (
+            torch.enable_grad(),
+            handle.trainable(self.slots) as delta,
+            skip_below(r.layers, self.replay, self.hidden),
+            checkpoint_from(r.layers, self.replay, self.ckpt),
+            handle.straight_through(cfg.straight_through),
+        ):
+            opt = (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD)([delta], lr=cfg.lr)
+            prev: float | None = None
+            for step in range(steps):
+                ce = token_losses(r._forward(self.x, self.xm, self.pos, use_cache=False).logits, self.y)
+                loss = _masked_mean(ce, fit_f).sum()
+                if not torch.isfinite(loss):
+                    events.append(f"non-finite loss at step {step}: kept the last good delta")
+                    break
+                cur = float(loss.detach())
+                if step > 0 and val_f is not None:
+                    candidates[step] = (candidates[step][0], _masked_mean(ce.detach(), val_f))
+                losses.append(cur / self.x.shape[0])
+                if cfg.early_stop is not None and prev is not None and prev - cur < cfg.early_stop * abs(prev):
+                    events.append(f"early stop at step {step}")
+                    break
+                prev = cur
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if delta.grad is None or not torch.isfinite(delta.grad).all():
+                    events.append(f"non-finite gradient at step {step}: kept the last good delta")
+                    break
+                delta.grad.mul_(self.gmask)
+                last_good = delta.detach().clone()
+                opt.step()
+                with torch.no_grad():
+                    if cfg.max_abs is not None:
+                        delta.clamp_(-cfg.max_abs, cfg.max_abs)
+                    if not torch.isfinite(delta).all():
+                        delta.copy_(last_good)
+                        events.append(f"non-finite delta after step {step}: reverted to the last good delta")
+                        break
+                candidates.append((delta.detach().clone(), None))
+
+
+def _set_rows(state: Any, rows: list[torch.Tensor]) -> None:
+    """``state.delta`` <- ``rows[b]``'s row b (or ``rows[0]`` when the state is shared by all rows)."""
+    with torch.no_grad():
+        if state.delta.dim() == 2:
+            state.delta.copy_(rows[0])
+        else:
+            for b, d in enumerate(rows):
+                state.delta[:, b].copy_(d[:, b])
 
 
 def _changed(before: list[torch.Tensor], after: list[torch.Tensor | None] | None) -> float | None:

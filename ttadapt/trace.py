@@ -18,7 +18,8 @@ class RoundTrace:
     confidence: list[float] = field(default_factory=list)
     fit_loss: list[float] = field(default_factory=list)  # per step, before its update
     val_loss: list[float] = field(default_factory=list)  # held-out loss per candidate (guard)
-    chosen: int | None = None  # candidate kept by the guard (0 = no change, s = after step s)
+    chosen: int | None = None  # candidate kept by the guard (0 = no change, s = after step s; None = rows differ)
+    refit_loss: list[float] = field(default_factory=list)  # per refit step (RerouteConfig.refit)
     delta_mean_abs: float = 0.0
     routing_changed: float | None = None  # fraction of (token, layer) top-k sets that changed
     events: list[str] = field(default_factory=list)

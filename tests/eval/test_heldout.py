@@ -180,3 +180,27 @@ def test_cli_runs_end_to_end(tmp_path, capsys):
     md = (out / "heldout.md").read_text()
     assert "| code | in-distribution | 1 |" in md and "| shakespeare | shifted | 1 |" in md
     assert md in capsys.readouterr().out
+
+
+@needs_model
+def test_online_rounds_readapt_without_peeking(model_tok):
+    """Online scoring re-adapts every `interval` tokens on what came before, never on what it scores."""
+    from ttadapt.config import RerouteConfig
+
+    model, tok = model_tok
+    ids = heldout.encode(tok, corpora.load_snippets("kjv", split="test")[0]["text"], 96)
+    cfg = {"a": RerouteConfig.preset("fast", interval=16, steps=1, guard=False, lr=50.0)}
+    online = heldout.score_snippet(model, ids, 64, cfg, rounds="online")["a"]
+    prefill = heldout.score_snippet(model, ids, 64, cfg, rounds="prefill")["a"]
+    assert online["rounds"] == 2 and prefill["rounds"] == 1
+    # round 1 scores tokens 64..79 under the context-only state: the same numbers as prefill scoring
+    first_prefill = heldout.score_snippet(model, ids[:, :80], 64, cfg, rounds="prefill")["a"]["nll"]
+    assert online["nll_per_round"][0] == pytest.approx(first_prefill, abs=1e-6)
+    # round 2 adapted on tokens 64..79 as well, so it scores 80..95 differently from prefill
+    assert online["nll"] != pytest.approx(prefill["nll"], abs=1e-6)
+    # changing the tokens of round 2 changes nothing that round 1 saw
+    ids2 = ids.clone()
+    ids2[:, 80:] = torch.flip(ids[:, 80:], dims=[1])
+    again = heldout.score_snippet(model, ids2, 64, cfg, rounds="online")["a"]
+    assert again["nll_per_round"][0] == pytest.approx(online["nll_per_round"][0], abs=1e-6)
+    assert again["nll_per_round"][1] != pytest.approx(online["nll_per_round"][1], abs=1e-6)
