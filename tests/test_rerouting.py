@@ -363,3 +363,27 @@ def test_refit_batch_rows_equal_rows_alone_and_cache_is_exact() -> None:
 def test_refit_needs_the_guard() -> None:
     with pytest.raises(ValueError, match="refit=True needs guard=True"):
         ttadapt.RerouteConfig(guard=False, refit=True)
+
+
+@pytest.mark.parametrize("selection", ["all", "last_n"])
+def test_shared_first_forward_is_exact_and_saves_a_forward(selection: str) -> None:
+    model = _olmoe(50)
+    ids = torch.cat([_periodic(51), _periodic(52)])
+    cfg = REFIT.replace(refit=False, selection=selection, kv_policy="partial", interval=6)
+    calls: list[int] = []
+    hook = model.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        results = {}
+        for share in (True, False):
+            calls.clear()
+            c = cfg.replace(share_first_forward=share)
+            state, trace = ttadapt.Rerouter(model, c).adapt(ids, return_trace=True)
+            out = ttadapt.generate(model, ids, reroute=c, max_new_tokens=13, do_sample=False)
+            results[share] = (state, trace.rounds[0], len(calls), out)
+    finally:
+        hook.remove()
+    (s1, r1, n1, o1), (s0, r0, n0, o0) = results[True], results[False]
+    torch.testing.assert_close(s1.delta, s0.delta, rtol=1e-5, atol=1e-6)
+    assert r1.fit_loss == pytest.approx(r0.fit_loss, rel=1e-6) and r1.val_loss == pytest.approx(r0.val_loss, rel=1e-6)
+    assert n1 < n0  # the adapt call ran one forward fewer (generate adds its own)
+    assert torch.equal(o1, o0)

@@ -6,7 +6,9 @@ that its logits score every target and its cache is exactly what ``generate`` co
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,38 +109,56 @@ class RoundRunner:
             with torch.no_grad():
                 state.delta.zero_()
 
-        # 1. confidence pass (also: held-out loss of "no change", layer inputs, cache under the start state)
+        # 1. confidence pass (also: held-out loss of "no change", layer inputs, cache under the start state).
+        #    When the layers are known without it, it is the first step's forward (run with grad).
         t0 = time.perf_counter()
         conf_cache_wanted = want_cache and policy != "stale"
-        with torch.no_grad(), handle.record() as rec, LayerInputs(self.layers) as cap:
-            out = self._forward(x, xm, pos, use_cache=conf_cache_wanted)
-        conf_cache = out.past_key_values if conf_cache_wanted else None
-        ce0 = token_losses(out.logits, y)
-        del out
         B = ids.shape[0]
-        conf = rec.confidence_rows(B, mask=xm) if needs_confidence(cfg) else None  # [L, B]
-        before = rec.selection_sets()
-        picks = [select_layers(cfg, state.layer_ids, None if conf is None else conf[:, b]) for b in range(B)]
-        weights = torch.stack([w for _, w in picks], dim=1)  # [L, B]
-        slots = sorted({s for sl, _ in picks for s in sl})
-        first = state.layer_ids[min(slots)]
-        hidden = cap.inputs.get(first)
-        cap.inputs.clear()
-        trace.selected_layers = [state.layer_ids[s] for s in slots]
-        if B > 1:
-            trace.rows_selected = [[state.layer_ids[s] for s in sl] for sl, _ in picks]
-        trace.confidence = [] if conf is None else [round(float(c), 5) for c in conf.mean(dim=1)]
-        trace.times["confidence"] = time.perf_counter() - t0
-
-        # 2. gradient steps on the selected layers' delta (layers below `first` replayed)
-        t0 = time.perf_counter()
-        val0 = _masked_mean(ce0, val_f)
-        candidates: list[tuple[torch.Tensor, torch.Tensor | None]] = [(state.delta.detach().clone(), val0)]
-        gmask = (weights[:, :1] if state.delta.dim() == 2 else weights[:, :, None]).to(state.device)
-        replay = first if cfg.prefix_reuse else 0
         ckpt = cfg.checkpoint_min_tokens is not None and x.shape[1] >= cfg.checkpoint_min_tokens
-        descend = _Descent(self, x, y, xm, pos, slots, gmask, replay, hidden, ckpt)
-        descend(fit_f, val_f, cfg.steps, candidates, trace.fit_loss, trace.events)
+        share = cfg.share_first_forward and not needs_confidence(cfg) and not ckpt
+        if share:
+            picks = [select_layers(cfg, state.layer_ids, None)] * B
+            slots = picks[0][0]
+            first = state.layer_ids[min(slots)]
+        descent: _Descent | None = None
+        with contextlib.ExitStack() as session:
+            if share:
+                descent = _Descent(self, x, y, xm, pos, slots, picks, first, ckpt)
+                session.enter_context(descent.session())
+            with handle.record() as rec, LayerInputs(self.layers) as cap:
+                if share:
+                    out = self._forward(x, xm, pos, use_cache=conf_cache_wanted)
+                else:
+                    with torch.no_grad():
+                        out = self._forward(x, xm, pos, use_cache=conf_cache_wanted)
+            conf_cache = _detached(out.past_key_values) if conf_cache_wanted else None
+            ce_first = token_losses(out.logits, y)
+            ce0 = ce_first.detach()
+            del out
+            conf = rec.confidence_rows(B, mask=xm) if needs_confidence(cfg) else None  # [L, B]
+            before = rec.selection_sets()
+            if not share:
+                picks = [select_layers(cfg, state.layer_ids, None if conf is None else conf[:, b]) for b in range(B)]
+                slots = sorted({s for sl, _ in picks for s in sl})
+                first = state.layer_ids[min(slots)]
+            hidden = cap.inputs.get(first)
+            cap.inputs.clear()
+            trace.selected_layers = [state.layer_ids[s] for s in slots]
+            if B > 1:
+                trace.rows_selected = [[state.layer_ids[s] for s in sl] for sl, _ in picks]
+            trace.confidence = [] if conf is None else [round(float(c), 5) for c in conf.mean(dim=1)]
+            trace.times["confidence"] = time.perf_counter() - t0
+
+            # 2. gradient steps on the selected layers' delta (layers below `first` replayed)
+            t0 = time.perf_counter()
+            val0 = _masked_mean(ce0, val_f)
+            candidates: list[tuple[torch.Tensor, torch.Tensor | None]] = [(state.delta.detach().clone(), val0)]
+            if descent is None:
+                descent = _Descent(self, x, y, xm, pos, slots, picks, first, ckpt)
+                session.enter_context(descent.session())
+            descent.replay_from(hidden)
+            descent.run(fit_f, val_f, cfg.steps, candidates, trace.fit_loss, trace.events, first_ce=ce_first)
+            del ce_first
         trace.times["steps"] = time.perf_counter() - t0
 
         # 3. refresh: cache (and held-out loss) under the final delta
@@ -159,7 +179,7 @@ class RoundRunner:
             rebuild = kept != [len(candidates) - 1] * len(kept)
             if cfg.refit and max(kept) > 0:
                 t1 = time.perf_counter()
-                self._refit(descend, candidates[0][0], kept, fit_f + val_f, trace)
+                self._refit(descent, candidates[0][0], kept, fit_f + val_f, trace)
                 trace.times["refit"] = time.perf_counter() - t1
                 t0 += trace.times["refit"]
                 rebuild = True
@@ -216,18 +236,48 @@ class RoundRunner:
         with torch.no_grad():
             state.delta.copy_(start)
         path: list[tuple[torch.Tensor, torch.Tensor | None]] = [(start, None)]
-        descend(all_f, None, max(picks), path, trace.refit_loss, trace.events)
+        with descend.session():
+            descend.replay_from(descend.hidden)
+            descend.run(all_f, None, max(picks), path, trace.refit_loss, trace.events)
         _set_rows(state, [path[min(k, len(path) - 1)][0] for k in picks])
 
 
 class _Descent:
     """Gradient steps on the trainable slots of ``handle.state.delta`` for one round's context."""
 
-    def __init__(self, runner: RoundRunner, x, y, xm, pos, slots, gmask, replay, hidden, ckpt) -> None:
+    def __init__(self, runner: RoundRunner, x, y, xm, pos, slots, picks, first: int, ckpt: bool) -> None:
         self.r, self.x, self.y, self.xm, self.pos = runner, x, y, xm, pos
-        self.slots, self.gmask, self.replay, self.hidden, self.ckpt = slots, gmask, replay, hidden, ckpt
+        self.slots, self.ckpt = slots, ckpt
+        weights = torch.stack([w for _, w in picks], dim=1)  # [L, B]
+        delta = runner.handle.state.delta
+        self.gmask = (weights[:, :1] if delta.dim() == 2 else weights[:, :, None]).to(delta.device)
+        self.replay = first if runner.cfg.prefix_reuse else 0
+        self.hidden: torch.Tensor | None = None
+        self._stack: contextlib.ExitStack | None = None
+        self.delta: torch.Tensor | None = None
 
-    def __call__(
+    @contextlib.contextmanager
+    def session(self) -> Iterator[torch.Tensor]:
+        """Grad on, only ``delta``'s slots trainable, checkpointing and straight-through as configured."""
+        r = self.r
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.enable_grad())
+            self.delta = stack.enter_context(r.handle.trainable(self.slots))
+            stack.enter_context(checkpoint_from(r.layers, self.replay, self.ckpt))
+            stack.enter_context(r.handle.straight_through(r.cfg.straight_through))
+            self._stack = stack
+            try:
+                yield self.delta
+            finally:
+                self._stack, self.delta = None, None
+
+    def replay_from(self, hidden: torch.Tensor | None) -> None:
+        """From now on in this session, layers below the lowest adapted one return ``hidden``."""
+        assert self._stack is not None
+        self.hidden = hidden
+        self._stack.enter_context(skip_below(self.r.layers, self.replay, hidden))
+
+    def run(
         self,
         fit_f: torch.Tensor,
         val_f: torch.Tensor | None,
@@ -235,48 +285,60 @@ class _Descent:
         candidates: list[tuple[torch.Tensor, torch.Tensor | None]],
         losses: list[float],
         events: list[str],
+        first_ce: torch.Tensor | None = None,
     ) -> None:
-        """Take up to ``steps`` steps; append each new delta to ``candidates`` (with its held-out loss once known)."""
-        r, cfg, handle = self.r, self.r.cfg, self.r.handle
-        with (
-            torch.enable_grad(),
-            handle.trainable(self.slots) as delta,
-            skip_below(r.layers, self.replay, self.hidden),
-            checkpoint_from(r.layers, self.replay, self.ckpt),
-            handle.straight_through(cfg.straight_through),
-        ):
-            opt = (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD)([delta], lr=cfg.lr)
-            prev: float | None = None
-            for step in range(steps):
+        """Take up to ``steps`` steps; append each new delta to ``candidates`` (with its held-out loss once known).
+
+        ``first_ce``: per-token losses of a forward already run in this session under the current
+        delta (with grad); step 0 uses them instead of running its own forward.
+        """
+        r, cfg, delta = self.r, self.r.cfg, self.delta
+        assert delta is not None, "run() needs an open session()"
+        opt = (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD)([delta], lr=cfg.lr)
+        prev: float | None = None
+        for step in range(steps):
+            if step == 0 and first_ce is not None and first_ce.requires_grad:
+                ce = first_ce
+            else:
                 ce = token_losses(r._forward(self.x, self.xm, self.pos, use_cache=False).logits, self.y)
-                loss = _masked_mean(ce, fit_f).sum()
-                if not torch.isfinite(loss):
-                    events.append(f"non-finite loss at step {step}: kept the last good delta")
+            loss = _masked_mean(ce, fit_f).sum()
+            if not torch.isfinite(loss):
+                events.append(f"non-finite loss at step {step}: kept the last good delta")
+                break
+            cur = float(loss.detach())
+            if step > 0 and val_f is not None:
+                candidates[step] = (candidates[step][0], _masked_mean(ce.detach(), val_f))
+            losses.append(cur / self.x.shape[0])
+            if cfg.early_stop is not None and prev is not None and prev - cur < cfg.early_stop * abs(prev):
+                events.append(f"early stop at step {step}")
+                break
+            prev = cur
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if delta.grad is None or not torch.isfinite(delta.grad).all():
+                events.append(f"non-finite gradient at step {step}: kept the last good delta")
+                break
+            delta.grad.mul_(self.gmask)
+            last_good = delta.detach().clone()
+            opt.step()
+            with torch.no_grad():
+                if cfg.max_abs is not None:
+                    delta.clamp_(-cfg.max_abs, cfg.max_abs)
+                if not torch.isfinite(delta).all():
+                    delta.copy_(last_good)
+                    events.append(f"non-finite delta after step {step}: reverted to the last good delta")
                     break
-                cur = float(loss.detach())
-                if step > 0 and val_f is not None:
-                    candidates[step] = (candidates[step][0], _masked_mean(ce.detach(), val_f))
-                losses.append(cur / self.x.shape[0])
-                if cfg.early_stop is not None and prev is not None and prev - cur < cfg.early_stop * abs(prev):
-                    events.append(f"early stop at step {step}")
-                    break
-                prev = cur
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if delta.grad is None or not torch.isfinite(delta.grad).all():
-                    events.append(f"non-finite gradient at step {step}: kept the last good delta")
-                    break
-                delta.grad.mul_(self.gmask)
-                last_good = delta.detach().clone()
-                opt.step()
-                with torch.no_grad():
-                    if cfg.max_abs is not None:
-                        delta.clamp_(-cfg.max_abs, cfg.max_abs)
-                    if not torch.isfinite(delta).all():
-                        delta.copy_(last_good)
-                        events.append(f"non-finite delta after step {step}: reverted to the last good delta")
-                        break
-                candidates.append((delta.detach().clone(), None))
+            candidates.append((delta.detach().clone(), None))
+
+
+def _detached(cache: Any) -> Any:
+    """The cache with its key/value tensors cut from the autograd graph (a grad-mode forward built it)."""
+    for layer in getattr(cache, "layers", None) or []:
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                setattr(layer, name, t.detach())
+    return cache
 
 
 def _set_rows(state: Any, rows: list[torch.Tensor]) -> None:

@@ -63,6 +63,9 @@ class RerouteConfig:
             Routers without renormalisation (OLMoE, Qwen2-MoE) already pass that gradient.
         checkpoint_min_tokens: use gradient checkpointing in the adapted layers when the context has
             at least this many tokens (bounds adaptation memory on long contexts); None = never.
+        share_first_forward: when the layers are known before the round (``all``, ``last_n``,
+            ``explicit``, hard weighting) and checkpointing is off, the confidence pass runs with
+            grad and doubles as the first step's forward (one forward fewer per round; exact).
         prefix_reuse: replay the layers below the lowest adapted layer from the confidence pass
             instead of recomputing them every step (exact; off only to benchmark the plain loop).
     """
@@ -89,6 +92,7 @@ class RerouteConfig:
     min_tokens: int = 8
     straight_through: bool = False
     checkpoint_min_tokens: int | None = None
+    share_first_forward: bool = True
     prefix_reuse: bool = True
     name: str = field(default="custom", compare=False)
 
