@@ -43,16 +43,10 @@ TARGET = {"config": "default", "shifted_max": -1.0, "in_distribution_max": 0.2} 
 
 
 # ---------------------------------------------------------------------- configurations
-def parse_config(spec: str) -> Any:
-    """``base`` -> None; ``preset`` or ``preset:key=value:key=value`` -> RerouteConfig."""
-    from ttadapt.config import RerouteConfig
-
-    spec = spec.strip()
-    if spec == "base":
-        return None
-    name, *pairs = spec.split(":")
+def parse_overrides(spec: str) -> dict[str, Any]:
+    """``name:key=value:key=value`` -> ``{key: value}`` (values parsed as JSON where they parse)."""
     overrides: dict[str, Any] = {}
-    for pair in pairs:
+    for pair in spec.split(":")[1:]:
         if "=" not in pair:
             raise ValueError(f"config {spec!r}: expected key=value after ':', got {pair!r}")
         key, raw = pair.split("=", 1)
@@ -61,7 +55,17 @@ def parse_config(spec: str) -> Any:
         except json.JSONDecodeError:
             value = raw
         overrides[key.strip()] = tuple(value) if isinstance(value, list) else value
-    return RerouteConfig.preset(name, **overrides)
+    return overrides
+
+
+def parse_config(spec: str) -> Any:
+    """``base`` -> None; ``preset`` or ``preset:key=value:key=value`` -> RerouteConfig."""
+    from ttadapt.config import RerouteConfig
+
+    spec = spec.strip()
+    if spec == "base":
+        return None
+    return RerouteConfig.preset(spec.split(":", 1)[0], **parse_overrides(spec))
 
 
 # ---------------------------------------------------------------------- model and scoring

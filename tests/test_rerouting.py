@@ -309,10 +309,10 @@ def test_prefix_reuse_and_checkpointing_are_exact() -> None:
     torch.testing.assert_close(fast.delta, ref.delta, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(ckpt.delta, ref.delta, rtol=1e-5, atol=1e-7)
     outs = [
-        ttadapt.generate(model, ids, reroute=cfg.replace(interval=4, prefix_reuse=p), max_new_tokens=9, do_sample=False)
-        for p in (False, True)
+        ttadapt.generate(model, ids, reroute=cfg.replace(interval=4, **kw), max_new_tokens=9, do_sample=False)
+        for kw in ({"prefix_reuse": False}, {}, {"checkpoint_min_tokens": 4})
     ]
-    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
 REFIT = ttadapt.RerouteConfig(

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ttadapt.chunked_loss import LossHead, LossOutput
 from ttadapt.config import RerouteConfig
 from ttadapt.handle import PatchHandle
 from ttadapt.layer_skip import LayerInputs, checkpoint_from, skip_below, splice_cache, supports_partial
@@ -55,6 +56,7 @@ class RoundRunner:
         self.handle = handle
         self.cfg = cfg
         self.layers = handle.model.get_submodule(handle.info.spec.layers_path)
+        self.loss_head: LossHead | None = None
 
     # ------------------------------------------------------------------ masks
     def _target_masks(
@@ -83,6 +85,13 @@ class RoundRunner:
         self, x: torch.Tensor, xm: torch.Tensor, pos: torch.Tensor, *, use_cache: bool
     ) -> Any:
         return self.model(input_ids=x, attention_mask=xm, position_ids=pos, use_cache=use_cache, return_dict=True)
+
+    def _losses(self, x: torch.Tensor, xm: torch.Tensor, pos: torch.Tensor, y: torch.Tensor, *, use_cache: bool) -> LossOutput:
+        """Per-token next-token losses (and the cache if asked), through the chunked head on long contexts."""
+        if self.loss_head is not None:
+            return self.loss_head(y, input_ids=x, attention_mask=xm, position_ids=pos, use_cache=use_cache)
+        out = self._forward(x, xm, pos, use_cache=use_cache)
+        return LossOutput(token_losses(out.logits, y), out.past_key_values if use_cache else None)
 
     def run(
         self,
@@ -115,6 +124,7 @@ class RoundRunner:
         conf_cache_wanted = want_cache and policy != "stale"
         B = ids.shape[0]
         ckpt = cfg.checkpoint_min_tokens is not None and x.shape[1] >= cfg.checkpoint_min_tokens
+        self.loss_head = LossHead.for_model(self.model, x) if ckpt else None
         share = cfg.share_first_forward and not needs_confidence(cfg) and not ckpt
         if share:
             picks = [select_layers(cfg, state.layer_ids, None)] * B
@@ -126,13 +136,10 @@ class RoundRunner:
                 descent = _Descent(self, x, y, xm, pos, slots, picks, first, ckpt)
                 session.enter_context(descent.session())
             with handle.record() as rec, LayerInputs(self.layers) as cap:
-                if share:
-                    out = self._forward(x, xm, pos, use_cache=conf_cache_wanted)
-                else:
-                    with torch.no_grad():
-                        out = self._forward(x, xm, pos, use_cache=conf_cache_wanted)
+                with contextlib.nullcontext() if share else torch.no_grad():
+                    out = self._losses(x, xm, pos, y, use_cache=conf_cache_wanted)
             conf_cache = _detached(out.past_key_values) if conf_cache_wanted else None
-            ce_first = token_losses(out.logits, y)
+            ce_first = out.losses
             ce0 = ce_first.detach()
             del out
             conf = rec.confidence_rows(B, mask=xm) if needs_confidence(cfg) else None  # [L, B]
@@ -207,16 +214,16 @@ class RoundRunner:
         with torch.no_grad(), skip_below(self.layers, skip, hidden):
             if record:
                 with self.handle.record() as rec:
-                    out = self._forward(x, xm, pos, use_cache=build)
+                    out = self._losses(x, xm, pos, y, use_cache=build)
                 after = rec.selection_sets(missing_ok=True)
             else:
-                out = self._forward(x, xm, pos, use_cache=build)
+                out = self._losses(x, xm, pos, y, use_cache=build)
                 after = None
         cache = out.past_key_values if build else None
         if build and skip > 0 and not splice_cache(cache, conf_cache, skip):
             with torch.no_grad():
-                cache = self._forward(x, xm, pos, use_cache=True).past_key_values
-        return cache, token_losses(out.logits, y), after
+                cache = self._losses(x, xm, pos, y, use_cache=True).past_key_values
+        return cache, out.losses, after
 
     def _choose(self, candidates: list[tuple[torch.Tensor, torch.Tensor | None]], state: Any) -> list[int]:
         """Set ``state.delta`` to the best held-out candidate per row; return each row's candidate index."""
@@ -300,7 +307,7 @@ class _Descent:
             if step == 0 and first_ce is not None and first_ce.requires_grad:
                 ce = first_ce
             else:
-                ce = token_losses(r._forward(self.x, self.xm, self.pos, use_cache=False).logits, self.y)
+                ce = r._losses(self.x, self.xm, self.pos, self.y, use_cache=False).losses
             loss = _masked_mean(ce, fit_f).sum()
             if not torch.isfinite(loss):
                 events.append(f"non-finite loss at step {step}: kept the last good delta")

@@ -61,8 +61,10 @@ class RerouteConfig:
             the dense router softmax (straight-through: forward values unchanged), so experts outside
             the top-k receive gradient also in renormalising routers (Mixtral, Qwen3, GPT-OSS, ...).
             Routers without renormalisation (OLMoE, Qwen2-MoE) already pass that gradient.
-        checkpoint_min_tokens: use gradient checkpointing in the adapted layers when the context has
-            at least this many tokens (bounds adaptation memory on long contexts); None = never.
+        checkpoint_min_tokens: long-context memory mode from this many context tokens on (None =
+            never): gradient checkpointing in the adapted layers, and the next-token loss computed
+            in chunks of tokens so the ``[tokens, vocab]`` logits never exist at once (exact up to
+            float rounding; costs a recomputation of each layer and of the LM head in the backward).
         share_first_forward: when the layers are known before the round (``all``, ``last_n``,
             ``explicit``, hard weighting) and checkpointing is off, the confidence pass runs with
             grad and doubles as the first step's forward (one forward fewer per round; exact).
@@ -167,17 +169,20 @@ PRESETS: dict[str, RerouteConfig] = {
     "paper": RerouteConfig(
         lr=0.05, steps=5, interval=128, selection="top_C", ratio=0.5, weighting="hard",
         optimizer="adam", warm_start=True, reset_per_prompt=True, loss_mask="all",
-        kv_policy="partial", guard=False, name="paper",
+        kv_policy="partial", guard=False, checkpoint_min_tokens=2048, name="paper",
     ),
     # Cheapest useful setting: the default's guard with 2 larger SGD steps, rarer rounds, partial cache refresh.
     "fast": RerouteConfig(
         lr=10.0, steps=2, interval=256, selection="all", ratio=0.5, optimizer="sgd", kv_policy="partial",
-        early_stop=None, guard=True, val_fraction=0.25, min_gain=0.002, max_abs=1.0, name="fast",
+        early_stop=None, guard=True, val_fraction=0.25, min_gain=0.002, max_abs=1.0, checkpoint_min_tokens=2048,
+        name="fast",
     ),
-    # What ttadapt ships: guarded (never worse on held-out context), trust region, partial refresh.
-    # lr/steps/selection/min_gain tuned on tiny-olmoe's held-out snippets (tune split): eval/HELDOUT.md.
+    # What ttadapt ships: guarded (never worse on held-out context), refit on the whole context for the
+    # guard's step count, trust region, partial refresh. lr/steps/selection/min_gain/refit chosen on
+    # tiny-olmoe's held-out snippets (tune split): eval/HELDOUT.md.
     "default": RerouteConfig(
         lr=5.0, steps=4, interval=128, selection="all", ratio=0.5, optimizer="sgd", kv_policy="partial",
-        guard=True, val_fraction=0.25, min_gain=0.002, max_abs=1.0, name="default",
+        guard=True, val_fraction=0.25, min_gain=0.002, refit=True, max_abs=1.0, checkpoint_min_tokens=2048,
+        name="default",
     ),
 }

@@ -26,11 +26,38 @@ METHODS = ("plain", "paper", "paper-naive", "paper-last", "paper-last-naive", "f
 # "paper-last": paper settings adapting the last half of the MoE layers (where the no-grad prefix pays off).
 
 
+def check_method(method: str) -> str:
+    """argparse type: a known method, optionally with RerouteConfig overrides ``default:steps=2``."""
+    name = method.split(":", 1)[0]
+    if name not in METHODS:
+        raise argparse.ArgumentTypeError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    if name == "plain" and ":" in method:
+        raise argparse.ArgumentTypeError("plain takes no overrides")
+    if ":" in method:
+        _overrides(method)  # validate now, not mid-run
+    return method
+
+
+def _overrides(method: str) -> dict[str, Any]:
+    """RerouteConfig overrides of ``method:key=value:...`` (validated against the config)."""
+    import ttadapt
+    from ttadapt.eval.heldout import parse_overrides
+
+    try:
+        over = parse_overrides(method)
+        ttadapt.RerouteConfig.preset("default", **over)
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"{method}: {e}") from None
+    return over
+
+
 def _config(method: str, args: argparse.Namespace) -> Any:
     import ttadapt
 
     if method == "plain":
         return None
+    extra = _overrides(method)
+    method = method.split(":", 1)[0]
     base, _, naive = method.partition("-naive")
     cfg = ttadapt.RerouteConfig.preset("paper" if base.startswith("paper") else base)
     if base == "paper-last":
@@ -44,6 +71,7 @@ def _config(method: str, args: argparse.Namespace) -> Any:
         over["interval"] = args.interval
     if args.ratio is not None:
         over["ratio"] = args.ratio
+    over.update(extra)
     return cfg.replace(**over) if over else cfg
 
 
@@ -187,8 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
     p.add_argument("--context", type=int, nargs="+", default=[200])
     p.add_argument("--new-tokens", type=int, nargs="+", default=[256])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--method", default="plain", choices=METHODS, help=argparse.SUPPRESS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), type=check_method,
+                   help=f"{', '.join(METHODS)}; append RerouteConfig overrides as default:checkpoint_min_tokens=1024")
+    p.add_argument("--method", default="plain", type=check_method, help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--interval", type=int, default=None)
     p.add_argument("--ratio", type=float, default=None)

@@ -1,0 +1,78 @@
+"""Next-token loss without materialising ``[tokens, vocab]`` logits: the LM head runs in token chunks.
+
+On long contexts the full-vocabulary logits (and, with grad, their log-softmax and gradient) are the
+largest tensors of an adaptation step. ``LossHead`` runs the model's decoder, then the LM head and
+cross-entropy chunk by chunk; with grad each chunk is checkpointed, so only one chunk of logits is
+alive during the backward (its LM head is recomputed there). It is used only where it reproduces the
+model's own logits (checked once per model): families that post-process logits (scaling, soft-capping)
+keep the plain full-logits path.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+_VERIFIED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class LossOutput:
+    """Per-token next-token cross-entropy ``[B, T]`` (fp32) and the cache when one was asked for."""
+
+    losses: torch.Tensor
+    past_key_values: Any = None
+
+
+def _chunk_losses(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="none")
+
+
+class LossHead:
+    """The model split as decoder + linear LM head, computing token losses in chunks of ``chunk`` tokens."""
+
+    def __init__(self, model: nn.Module, decoder: nn.Module, head: nn.Linear, chunk: int) -> None:
+        self.model, self.decoder, self.head, self.chunk = model, decoder, head, chunk
+
+    @classmethod
+    def for_model(cls, model: nn.Module, probe: torch.Tensor, chunk: int = 256) -> LossHead | None:
+        """A LossHead if ``lm_head(decoder(x))`` equals the model's logits on ``probe`` ids; else None."""
+        try:
+            decoder = model.get_decoder()
+            head = model.get_output_embeddings()
+        except (AttributeError, NotImplementedError):
+            return None
+        if not isinstance(decoder, nn.Module) or not isinstance(head, nn.Linear):
+            return None
+        lh = cls(model, decoder, head, chunk)
+        ok = _VERIFIED.get(model)
+        if ok is None:
+            ok = lh._reproduces_logits(probe[:1, : min(probe.shape[1], 8)])
+            _VERIFIED[model] = ok
+        return lh if ok else None
+
+    @torch.no_grad()
+    def _reproduces_logits(self, ids: torch.Tensor) -> bool:
+        ref = self.model(input_ids=ids, use_cache=False).logits.float()
+        hidden = self.decoder(input_ids=ids, use_cache=False).last_hidden_state
+        mine = F.linear(hidden, self.head.weight, self.head.bias).float()
+        return ref.shape == mine.shape and torch.allclose(ref, mine, rtol=1e-4, atol=1e-4)
+
+    def __call__(self, targets: torch.Tensor, **decoder_kwargs: Any) -> LossOutput:
+        out = self.decoder(return_dict=True, **decoder_kwargs)
+        hidden = out.last_hidden_state
+        B, T, H = hidden.shape
+        h, t = hidden.reshape(B * T, H), targets.reshape(B * T)
+        w, b = self.head.weight, self.head.bias
+        grad = torch.is_grad_enabled() and h.requires_grad
+        parts = []
+        for i in range(0, B * T, self.chunk):
+            hs, ts = h[i : i + self.chunk], t[i : i + self.chunk]
+            parts.append(checkpoint(_chunk_losses, hs, ts, w, b, use_reentrant=False) if grad else _chunk_losses(hs, ts, w, b))
+        return LossOutput(torch.cat(parts).view(B, T), getattr(out, "past_key_values", None))
