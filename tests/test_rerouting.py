@@ -360,9 +360,13 @@ def test_refit_batch_rows_equal_rows_alone_and_cache_is_exact() -> None:
     torch.testing.assert_close(step, fresh, rtol=1e-5, atol=1e-5)
 
 
-def test_refit_needs_the_guard() -> None:
-    with pytest.raises(ValueError, match="refit=True needs guard=True"):
-        ttadapt.RerouteConfig(guard=False, refit=True)
+def test_refit_is_inert_without_the_guard() -> None:
+    model = _olmoe(42)
+    ids = _periodic(43)
+    unguarded = REFIT.replace(guard=False)
+    a = ttadapt.Rerouter(model, unguarded).adapt(ids)
+    b = ttadapt.Rerouter(model, unguarded.replace(refit=False)).adapt(ids)
+    assert torch.equal(a.delta, b.delta) and float(a.delta.abs().sum()) > 0
 
 
 @pytest.mark.parametrize("selection", ["all", "last_n"])

@@ -1,4 +1,4 @@
-"""The ``ttadapt`` command: demo, generate, patches, eval, heldout."""
+"""The ``ttadapt`` command: demo, generate, patches, eval, heldout, bench, serve."""
 
 from __future__ import annotations
 
@@ -99,6 +99,7 @@ _DELEGATES = {
     "eval": ("ttadapt.eval.cli", "benchmarks: base / reroute / icl / sc / reroute+sc (see eval/README.md)"),
     "heldout": ("ttadapt.eval.heldout", "held-out continuation NLL per domain, base vs presets"),
     "bench": ("ttadapt.eval.bench.cli", "speed and memory: plain generate vs presets (eval/bench/README.md)"),
+    "serve": ("ttadapt.vllm.serve", "vLLM OpenAI server with per-request router states, rerouting (docs/vllm.md)"),
 }
 
 

