@@ -369,11 +369,11 @@ def test_refit_is_inert_without_the_guard() -> None:
     assert torch.equal(a.delta, b.delta) and float(a.delta.abs().sum()) > 0
 
 
-@pytest.mark.parametrize("selection", ["all", "last_n"])
-def test_shared_first_forward_is_exact_and_saves_a_forward(selection: str) -> None:
+@pytest.mark.parametrize(("selection", "weighting"), [("all", "hard"), ("last_n", "hard"), ("top_C", "soft")])
+def test_shared_first_forward_is_exact_and_saves_a_forward(selection: str, weighting: str) -> None:
     model = _olmoe(50)
     ids = torch.cat([_periodic(51), _periodic(52)])
-    cfg = REFIT.replace(refit=False, selection=selection, kv_policy="partial", interval=6)
+    cfg = REFIT.replace(refit=False, selection=selection, weighting=weighting, kv_policy="partial", interval=6)
     calls: list[int] = []
     hook = model.model.register_forward_pre_hook(lambda *_: calls.append(1))
     try:

@@ -119,21 +119,21 @@ class RoundRunner:
                 state.delta.zero_()
 
         # 1. confidence pass (also: held-out loss of "no change", layer inputs, cache under the start state).
-        #    When the layers are known without it, it is the first step's forward (run with grad).
+        #    It doubles as the first step's forward (run with grad) unless checkpointing is on.
         t0 = time.perf_counter()
         conf_cache_wanted = want_cache and policy != "stale"
         B = ids.shape[0]
         ckpt = cfg.checkpoint_min_tokens is not None and x.shape[1] >= cfg.checkpoint_min_tokens
         self.loss_head = LossHead.for_model(self.model, x) if ckpt else None
-        share = cfg.share_first_forward and not needs_confidence(cfg) and not ckpt
-        if share:
+        share = cfg.share_first_forward and not ckpt
+        known = not needs_confidence(cfg)
+        if known:
             picks = [select_layers(cfg, state.layer_ids, None)] * B
             slots = picks[0][0]
-            first = state.layer_ids[min(slots)]
         descent: _Descent | None = None
         with contextlib.ExitStack() as session:
-            if share:
-                descent = _Descent(self, x, y, xm, pos, slots, picks, first, ckpt)
+            if share:  # layers not known yet: every slot trainable, the gradient mask keeps the selected ones
+                descent = _Descent(self, x, y, xm, pos, slots if known else list(range(len(state.layer_ids))), ckpt)
                 session.enter_context(descent.session())
             with handle.record() as rec, LayerInputs(self.layers) as cap:
                 with contextlib.nullcontext() if share else torch.no_grad():
@@ -144,10 +144,10 @@ class RoundRunner:
             del out
             conf = rec.confidence_rows(B, mask=xm) if needs_confidence(cfg) else None  # [L, B]
             before = rec.selection_sets()
-            if not share:
-                picks = [select_layers(cfg, state.layer_ids, None if conf is None else conf[:, b]) for b in range(B)]
+            if not known:
+                picks = [select_layers(cfg, state.layer_ids, conf[:, b]) for b in range(B)]
                 slots = sorted({s for sl, _ in picks for s in sl})
-                first = state.layer_ids[min(slots)]
+            first = state.layer_ids[min(slots)]
             hidden = cap.inputs.get(first)
             cap.inputs.clear()
             trace.selected_layers = [state.layer_ids[s] for s in slots]
@@ -161,8 +161,11 @@ class RoundRunner:
             val0 = _masked_mean(ce0, val_f)
             candidates: list[tuple[torch.Tensor, torch.Tensor | None]] = [(state.delta.detach().clone(), val0)]
             if descent is None:
-                descent = _Descent(self, x, y, xm, pos, slots, picks, first, ckpt)
+                descent = _Descent(self, x, y, xm, pos, slots, ckpt)
+                descent.select(picks, first)
                 session.enter_context(descent.session())
+            else:
+                descent.select(picks, first)
             descent.replay_from(hidden)
             descent.run(fit_f, val_f, cfg.steps, candidates, trace.fit_loss, trace.events, first_ce=ce_first)
             del ce_first
@@ -252,16 +255,21 @@ class RoundRunner:
 class _Descent:
     """Gradient steps on the trainable slots of ``handle.state.delta`` for one round's context."""
 
-    def __init__(self, runner: RoundRunner, x, y, xm, pos, slots, picks, first: int, ckpt: bool) -> None:
+    def __init__(self, runner: RoundRunner, x, y, xm, pos, slots: list[int], ckpt: bool) -> None:
         self.r, self.x, self.y, self.xm, self.pos = runner, x, y, xm, pos
         self.slots, self.ckpt = slots, ckpt
-        weights = torch.stack([w for _, w in picks], dim=1)  # [L, B]
-        delta = runner.handle.state.delta
-        self.gmask = (weights[:, :1] if delta.dim() == 2 else weights[:, :, None]).to(delta.device)
-        self.replay = first if runner.cfg.prefix_reuse else 0
+        self.gmask: torch.Tensor | None = None
+        self.replay = 0
         self.hidden: torch.Tensor | None = None
         self._stack: contextlib.ExitStack | None = None
         self.delta: torch.Tensor | None = None
+
+    def select(self, picks: list[tuple[list[int], torch.Tensor]], first: int) -> None:
+        """The rows' selected layers: their gradient weights, and the layer below which to replay."""
+        weights = torch.stack([w for _, w in picks], dim=1)  # [L, B]
+        delta = self.r.handle.state.delta
+        self.gmask = (weights[:, :1] if delta.dim() == 2 else weights[:, :, None]).to(delta.device)
+        self.replay = first if self.r.cfg.prefix_reuse else 0
 
     @contextlib.contextmanager
     def session(self) -> Iterator[torch.Tensor]:
@@ -300,7 +308,7 @@ class _Descent:
         delta (with grad); step 0 uses them instead of running its own forward.
         """
         r, cfg, delta = self.r, self.r.cfg, self.delta
-        assert delta is not None, "run() needs an open session()"
+        assert delta is not None and self.gmask is not None, "run() needs select() and an open session()"
         opt = (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD)([delta], lr=cfg.lr)
         prev: float | None = None
         for step in range(steps):

@@ -66,9 +66,10 @@ class RerouteConfig:
             never): gradient checkpointing in the adapted layers, and the next-token loss computed
             in chunks of tokens so the ``[tokens, vocab]`` logits never exist at once (exact up to
             float rounding; costs a recomputation of each layer and of the LM head in the backward).
-        share_first_forward: when the layers are known before the round (``all``, ``last_n``,
-            ``explicit``, hard weighting) and checkpointing is off, the confidence pass runs with
-            grad and doubles as the first step's forward (one forward fewer per round; exact).
+        share_first_forward: the confidence pass runs with grad and doubles as the first step's
+            forward (one forward fewer per round; exact). With ``top_C``/``bottom_C`` or soft weighting
+            the layers are chosen after that forward, so its backward reaches every MoE layer (the
+            gradient mask keeps the selected ones); off while checkpointing.
         prefix_reuse: replay the layers below the lowest adapted layer from the confidence pass
             instead of recomputing them every step (exact; off only to benchmark the plain loop).
     """
