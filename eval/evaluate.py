@@ -165,6 +165,7 @@ def evaluate_example(ctx: EvalContext, index: int, ex: Example) -> dict[str, Any
             stops=stops,
             seed=example_seed(cfg.seed, ex.id),
             reroute_config=ctx.reroute_config,
+            prefill_state=state,  # adapted once for the NLL record: generation reuses it
         )
         timings["generate_s"] = gen.seconds
         record["outputs"], record["new_tokens"], gen_trace = gen.texts, gen.new_tokens, gen.trace

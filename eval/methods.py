@@ -101,8 +101,12 @@ def generate(
     stops: Sequence[str],
     seed: int,
     reroute_config: Any = None,
+    prefill_state: Any = None,
 ) -> Generation:
-    """Generate ``spec.samples`` continuations of one prompt with the method's decoder."""
+    """Generate ``spec.samples`` continuations of one prompt with the method's decoder.
+
+    ``prefill_state``: the prompt's already-adapted state (reroute methods), used instead of adapting again.
+    """
     device = next(model.parameters()).device
     ids = torch.tensor([input_ids], dtype=torch.long, device=device)
     mask = torch.ones_like(ids)
@@ -126,6 +130,8 @@ def generate(
     t0 = time.perf_counter()
     trace = None
     if spec.rerouting:
+        if prefill_state is not None:
+            kwargs["prefill_state"] = prefill_state
         out = core_generate()(
             model, input_ids=ids, attention_mask=mask, reroute=reroute_config, return_trace=True, **kwargs
         )

@@ -391,3 +391,20 @@ def test_shared_first_forward_is_exact_and_saves_a_forward(selection: str, weigh
     assert r1.fit_loss == pytest.approx(r0.fit_loss, rel=1e-6) and r1.val_loss == pytest.approx(r0.val_loss, rel=1e-6)
     assert n1 < n0  # the adapt call ran one forward fewer (generate adds its own)
     assert torch.equal(o1, o0)
+
+
+def test_prefill_state_replaces_the_prefill_round_exactly() -> None:
+    model = _olmoe(60)
+    ids = _ids(61, 16)
+    cfg = FAST.replace(interval=5)
+    state = ttadapt.Rerouter(model, cfg).adapt(ids)
+    ref, t_ref = ttadapt.generate(model, ids, reroute=cfg, max_new_tokens=12, do_sample=False, return_trace=True)
+    out, t_out = ttadapt.generate(
+        model, ids, reroute=cfg, max_new_tokens=12, do_sample=False, return_trace=True, prefill_state=state
+    )
+    assert torch.equal(out, ref)
+    assert t_out.rounds[0].skipped == "prefill_state given" and t_ref.rounds[0].skipped is None
+    assert t_out.num_rounds == t_ref.num_rounds == ttadapt.rounds_for(12, 5)
+    assert float(state.delta.abs().sum()) > 0  # the caller's state is not consumed or zeroed
+    with pytest.raises(ValueError, match="rows"):
+        ttadapt.generate(model, ids, reroute=cfg, max_new_tokens=2, prefill_state=state.per_row(3))

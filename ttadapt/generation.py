@@ -19,7 +19,7 @@ from ttadapt.adapt import RoundRunner
 from ttadapt.config import RerouteConfig
 from ttadapt.handle import PatchHandle, get_handle, patch
 from ttadapt.state import RouterState
-from ttadapt.trace import AdaptationTrace
+from ttadapt.trace import AdaptationTrace, RoundTrace
 
 
 class _FinishedRows:
@@ -130,9 +130,14 @@ class Rerouter:
         *,
         generation_config: Any = None,
         return_trace: bool = False,
+        prefill_state: RouterState | None = None,
         **kwargs: Any,
     ) -> Any:
-        """Like ``model.generate`` with rerouting; with ``return_trace=True`` returns ``(output, trace)``."""
+        """Like ``model.generate`` with rerouting; with ``return_trace=True`` returns ``(output, trace)``.
+
+        ``prefill_state``: a state already adapted on this prompt (e.g. by ``adapt`` for scoring); the
+        prefill round then uses it instead of adapting again (later rounds warm-start from it).
+        """
         ids, mask = _check_inputs(input_ids, attention_mask)
         cfg = self.config
         gen = copy.deepcopy(generation_config or self.model.generation_config)
@@ -172,11 +177,18 @@ class Rerouter:
         prompt_len = ids.shape[1]
         stream = _ChunkStreamer(streamer) if streamer is not None else None
         try:
-            state = self._start_state(handle, ids.shape[0])
+            if prefill_state is None:
+                state = self._start_state(handle, ids.shape[0])
+            else:
+                state = _given_state(prefill_state, ids.shape[0])
             with handle.use_state(state):
-                res = runner.run(ids, mask, prompt_len, want_cache=True)
-                trace.rounds.append(res.trace)
-                cache = res.cache
+                if prefill_state is None:
+                    res = runner.run(ids, mask, prompt_len, want_cache=True)
+                    trace.rounds.append(res.trace)
+                    cache = res.cache
+                else:
+                    trace.rounds.append(RoundTrace(position=int(ids.shape[1]), skipped="prefill_state given"))
+                    cache = None
                 if n_ret > 1 and beams == 1:
                     ids, mask, cache = _expand(ids, mask, cache, n_ret)
                     if state.batch_size is not None or n_ret > 1:
@@ -238,6 +250,15 @@ def _check_inputs(input_ids: Any, attention_mask: Any) -> tuple[torch.Tensor, to
     if input_ids.shape[0] > 1 and bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("batched inputs must be LEFT-padded (tokenizer.padding_side = 'left')")
     return input_ids, attention_mask.to(input_ids.device)
+
+
+def _given_state(state: RouterState, rows: int) -> RouterState:
+    """A private copy of a caller's prefill state, one row per sequence when the batch has several."""
+    if state.batch_size is None:
+        return state.per_row(rows) if rows > 1 else state.clone()
+    if state.batch_size != rows:
+        raise ValueError(f"prefill_state has {state.batch_size} rows but the batch has {rows} sequences")
+    return state.clone()
 
 
 def _expand(ids: torch.Tensor, mask: torch.Tensor, cache: Any, n: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
