@@ -408,3 +408,15 @@ def test_prefill_state_replaces_the_prefill_round_exactly() -> None:
     assert float(state.delta.abs().sum()) > 0  # the caller's state is not consumed or zeroed
     with pytest.raises(ValueError, match="rows"):
         ttadapt.generate(model, ids, reroute=cfg, max_new_tokens=2, prefill_state=state.per_row(3))
+
+
+def test_dict_output_holds_every_chunks_scores() -> None:
+    model = _olmoe(62)
+    ids = _ids(63, 10)
+    out = ttadapt.generate(
+        model, ids, reroute=FAST.replace(interval=4), max_new_tokens=11, do_sample=False,
+        return_dict_in_generate=True, output_scores=True, output_logits=True,
+    )
+    assert out.sequences.shape == (1, 21)
+    assert len(out.scores) == len(out.logits) == 11
+    assert torch.equal(torch.stack(out.scores, 1).argmax(-1), out.sequences[:, 10:])

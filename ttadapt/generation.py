@@ -197,6 +197,7 @@ class Rerouter:
                 finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
                 procs = [_FinishedRows(finished, pad_id), *logits_processor]
                 produced, out = 0, None
+                steps_out: dict[str, list[Any]] = {}  # per-token outputs of every chunk (scores, logits, ...)
                 while True:
                     chunk = min(cfg.interval, max_new - produced) if chunked else max_new - produced
                     t0 = time.perf_counter()
@@ -212,6 +213,9 @@ class Rerouter:
                         streamer=stream,
                     )
                     trace.decode_time += time.perf_counter() - t0
+                    for key in _PER_STEP_OUTPUTS:
+                        if getattr(out, key, None) is not None:
+                            steps_out.setdefault(key, []).extend(getattr(out, key))
                     new = out.sequences[:, ids.shape[1] :]
                     got = new.shape[1]
                     produced += got
@@ -234,6 +238,9 @@ class Rerouter:
         finally:
             if owned:
                 handle.unpatch()
+        if want_dict and out is not None:
+            for key, values in steps_out.items():
+                setattr(out, key, tuple(values))  # every chunk's steps, not only the last chunk's
         result = out if want_dict else ids
         return (result, trace) if return_trace else result
 
@@ -250,6 +257,10 @@ def _check_inputs(input_ids: Any, attention_mask: Any) -> tuple[torch.Tensor, to
     if input_ids.shape[0] > 1 and bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("batched inputs must be LEFT-padded (tokenizer.padding_side = 'left')")
     return input_ids, attention_mask.to(input_ids.device)
+
+
+# GenerateOutput fields holding one entry per generated token; they are concatenated across chunks.
+_PER_STEP_OUTPUTS = ("scores", "logits", "attentions", "hidden_states")
 
 
 def _given_state(state: RouterState, rows: int) -> RouterState:

@@ -22,7 +22,8 @@ from .measure import interleave, paired_ratio
 from .models import build
 
 METHODS = ("plain", "paper", "paper-naive", "paper-last", "paper-last-naive", "fast", "default")
-# "-naive": the straightforward loop (every layer every step, full re-prefill), same results as without.
+# "-naive": the straightforward loop (separate confidence pass, every layer every step, full re-prefill,
+# no checkpointing), same results as without.
 # "paper-last": paper settings adapting the last half of the MoE layers (where the no-grad prefix pays off).
 
 
@@ -63,7 +64,7 @@ def _config(method: str, args: argparse.Namespace) -> Any:
     if base == "paper-last":
         cfg = cfg.replace(selection="last_n")
     if method.endswith("-naive"):
-        cfg = cfg.replace(prefix_reuse=False, kv_policy="full")
+        cfg = cfg.replace(prefix_reuse=False, kv_policy="full", share_first_forward=False, checkpoint_min_tokens=None)
     over = {}
     if args.steps is not None:
         over["steps"] = args.steps
