@@ -39,7 +39,9 @@ import torch.nn.functional as F
 from .corpora import DATA_DIR, IN_DISTRIBUTION, load_snippets
 
 DEFAULT_CONFIGS = ("base", "default", "paper", "fast")
-TARGET = {"config": "default", "shifted_max": -1.0, "in_distribution_max": 0.2}  # relative change, %
+# The issue's target (relative change, %): every in-distribution domain <= +0.2%, and at least
+# `shifted_needed` shifted domains <= -1%.
+TARGET = {"config": "default", "shifted_max": -1.0, "in_distribution_max": 0.2, "shifted_needed": 2}
 
 
 # ---------------------------------------------------------------------- configurations
@@ -204,15 +206,23 @@ def summarise(records: list[dict[str, Any]], labels: Sequence[str]) -> dict[str,
 
 
 def check_target(summary: dict[str, Any], config: str = TARGET["config"]) -> dict[str, Any]:
-    """Does ``config`` meet the target (shifted <= -1%, in-distribution <= +0.2%) in every domain?"""
+    """Does ``config`` meet the target: every in-distribution domain <= +0.2%, >= 2 shifted domains <= -1%?"""
     per = {}
     for d, e in summary.items():
         if config not in e["configs"]:
             continue
         rel = e["configs"][config]["rel_change_pct"]
-        limit = TARGET["shifted_max"] if e["kind"] == "shifted" else TARGET["in_distribution_max"]
-        per[d] = {"rel_change_pct": rel, "limit_pct": limit, "met": rel <= limit}
-    return {"config": config, "domains": per, "met": bool(per) and all(v["met"] for v in per.values())}
+        shifted = e["kind"] == "shifted"
+        limit = TARGET["shifted_max"] if shifted else TARGET["in_distribution_max"]
+        per[d] = {"rel_change_pct": rel, "limit_pct": limit, "met": rel <= limit, "shifted": shifted}
+    in_ok = all(v["met"] for v in per.values() if not v["shifted"])
+    shifted_met = sum(v["met"] for v in per.values() if v["shifted"])
+    return {
+        "config": config,
+        "domains": per,
+        "shifted_met": shifted_met,
+        "met": bool(per) and in_ok and shifted_met >= TARGET["shifted_needed"],
+    }
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -263,7 +273,9 @@ def markdown(result: dict[str, Any]) -> str:
         ]
         lines += [
             "",
-            f"Target for `{tgt['config']}` ({'met' if tgt['met'] else 'NOT met'}): " + "; ".join(parts) + ".",
+            f"Target for `{tgt['config']}` (every in-distribution domain <= +0.2%, at least "
+            f"{TARGET['shifted_needed']} shifted domains <= -1%): {'met' if tgt['met'] else 'NOT met'}; "
+            + "; ".join(parts) + ".",
         ]
     return "\n".join(lines) + "\n"
 

@@ -97,7 +97,12 @@ def test_summary_and_target_on_synthetic_records():
     g = summary["go"]["configs"]["default"]
     assert g["rel_change_pct"] == pytest.approx(-2.0) and g["wins"] == 2
     target = heldout.check_target(summary)
-    assert target["met"] and target["domains"]["go"]["limit_pct"] == -1.0
+    assert not target["met"] and target["shifted_met"] == 1  # one shifted domain is not enough
+    assert target["domains"]["go"]["limit_pct"] == -1.0 and target["domains"]["go"]["met"]
+    two = heldout.summarise([*records, rec("c", 3.0, 2.9)], ["base", "default"])
+    assert heldout.check_target(two)["met"]
+    bad_in = heldout.summarise([*records, rec("c", 3.0, 2.9), rec("prose", 2.0, 2.01)], ["base", "default"])
+    assert not heldout.check_target(bad_in)["met"]  # prose +0.5% > +0.2%
     md = heldout.markdown(
         {
             "summary": summary,
