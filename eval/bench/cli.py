@@ -172,13 +172,14 @@ def to_markdown(env: dict[str, Any], timing: list[dict[str, Any]], memory: list[
     lines = [f"Device: {env['device']}; torch {env['torch']}, transformers {env['transformers']}; model {env['model']}"
              f"{layers}, {env['dtype']}, {env['threads']} threads.", ""]
     if timing:
-        lines += ["| context | new | method | median s | min–max s | ratio vs plain | confidence | steps | refresh | decode |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| context | new | method | median s | min–max s | ratio vs plain | confidence | steps | refit | refresh | decode |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in timing:
             p = r["phases"]
             lines.append(
                 f"| {r['context']} | {r['new_tokens']} | {r['method']} | {r['median_s']:.3f} | {r['min_s']:.3f}–{r['max_s']:.3f} | "
-                f"**{r['ratio']:.2f}×** | {p.get('confidence', 0):.3f} | {p.get('steps', 0):.3f} | {p.get('refresh', 0):.3f} | "
+                f"**{r['ratio']:.2f}×** | {p.get('confidence', 0):.3f} | {p.get('steps', 0):.3f} | {p.get('refit', 0):.3f} | "
+                f"{p.get('refresh', 0):.3f} | "
                 f"{p.get('decode', 0):.3f} |"
             )
     if memory:

@@ -352,16 +352,7 @@ class _Inner:
         return dict(self.scope, method=method, path=full, raw_path=full.encode(), query_string=b"", headers=headers)
 
     def _receive(self, body: bytes) -> Receive:
-        sent = False
-
-        async def receive() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await self.receive()  # the real client: blocks until it disconnects
-
-        return receive
+        return _replay(body, self.receive)  # then the real client: blocks until it disconnects
 
     async def call(self, method: str, path: str, payload: Any) -> _Response:
         body = b"" if payload is None else json.dumps(payload).encode()
@@ -435,6 +426,7 @@ async def _read_body(receive: Receive) -> bytes | None:
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
+    """An ASGI receive that yields ``body`` once, then defers to ``receive`` (e.g. for disconnects)."""
     sent = False
 
     async def replay() -> Message:
