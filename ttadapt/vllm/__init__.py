@@ -11,6 +11,9 @@ Quick start::
     sp = sampling_params(state, max_tokens=64, temperature=0)
     out = llm.generate([prompt("The capital of France is", state)], sp)
 
+Adapting without an HF copy of the weights: ``search_adapt(llm, prompt_ids)`` (gradient-free, scored by
+the engine), or ``generate(llm, prompts, trainer="search")`` for chunked online rerouting.
+
 See ``docs/vllm.md`` for the request schema (offline and HTTP) and the limits.
 """
 
@@ -39,6 +42,10 @@ _LAZY = {
     "prompt": "ttadapt.vllm.sampling",
     "sampling_params": "ttadapt.vllm.sampling",
     "generate": "ttadapt.vllm.generation",
+    "context_nll": "ttadapt.vllm.scoring",
+    "search_adapt": "ttadapt.vllm.search",
+    "SearchConfig": "ttadapt.vllm.search",
+    "SearchTrace": "ttadapt.vllm.search",
     "register": "ttadapt.vllm.plugin",
     "TTAdaptLogitsProcessor": "ttadapt.vllm.logits_processor",
 }
@@ -49,8 +56,11 @@ __all__ = [
     "Layout",
     "Payload",
     "PayloadError",
+    "SearchConfig",
+    "SearchTrace",
     "Steer",
     "TTAdaptLogitsProcessor",
+    "context_nll",
     "decode",
     "encode",
     "encode_state",
@@ -62,6 +72,7 @@ __all__ = [
     "prompt",
     "register",
     "sampling_params",
+    "search_adapt",
     "steer_payload",
 ]
 

@@ -1,12 +1,15 @@
-"""``ttadapt.vllm.generate``: online rerouting with vLLM decoding and an HF model as the trainer.
+"""``ttadapt.vllm.generate``: online rerouting with vLLM decoding, adapted between chunks by a trainer.
 
 vLLM cannot run gradients (inference mode, custom ops without autograd), and a request's vector is
 fixed for its lifetime. So generation runs in chunks: before each chunk, every unfinished sequence is
-adapted on its context (prompt + tokens so far) with the HF model (``ttadapt.Rerouter(...).adapt``),
-then vLLM decodes the next ``interval`` tokens of all sequences in one batch, each request carrying
-its own vector. With ``n`` samples per prompt, the prefill round runs once per prompt and the first
-chunk is one ``SamplingParams(n=n)`` request (the samples share the prefill state and its KV); each
-sample then re-adapts on its own context. KV policy:
+adapted on its context (prompt + tokens so far), then vLLM decodes the next ``interval`` tokens of all
+sequences in one batch, each request carrying its own vector. The trainer
+(:mod:`ttadapt.vllm.trainers`) is either an HF copy of the model (``trainer="hf"``:
+``ttadapt.Rerouter(...).adapt``, gradient steps) or the engine itself (``trainer="search"``: a
+gradient-free search scored by batched prompt log-probs, no second copy of the weights). With ``n``
+samples per prompt, the prefill round runs once per prompt and the first chunk is one
+``SamplingParams(n=n)`` request (the samples share the prefill state and its KV); each sample then
+re-adapts on its own context. KV policy:
 
 * ``kv_policy="partial"``/``"full"`` (exact): each chunk's request is salted with its vector's hash,
   so vLLM recomputes the context under the new vector (it never reuses KV made under another one);
@@ -17,27 +20,24 @@ sample then re-adapts on its own context. KV policy:
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from ttadapt.config import RerouteConfig
-from ttadapt.generation import Rerouter
 from ttadapt.vllm.sampling import prompt as make_prompt
 from ttadapt.vllm.sampling import sampling_params as make_sampling_params
+from ttadapt.vllm.trainers import AdaptJob, ChunkTrainer, HFTrainer, SearchTrainer
 
 if TYPE_CHECKING:
     from torch import nn
     from vllm import LLM
 
     from ttadapt.state import RouterState
+    from ttadapt.vllm.search import SearchConfig
 
-__all__ = ["VLLMGeneration", "chunk_min_tokens", "chunk_seed", "continues", "generate"]
+__all__ = ["VLLMGeneration", "chunk_min_tokens", "chunk_seed", "continues", "generate", "make_trainer"]
 
 
 @dataclass
@@ -58,22 +58,31 @@ def generate(
     llm: LLM,
     prompts: Sequence[str | Sequence[int]],
     *,
-    hf_model: nn.Module,
+    hf_model: nn.Module | None = None,
     reroute: RerouteConfig | str | None = None,
+    trainer: Literal["hf", "search"] | ChunkTrainer = "hf",
+    search: SearchConfig | None = None,
     max_tokens: int = 64,
     n: int = 1,
     sampling: Mapping[str, Any] | None = None,
     tokenizer: Any = None,
     keep_states: bool = True,
 ) -> list[VLLMGeneration]:
-    """Generate with online rerouting: adapt with ``hf_model``, decode with ``llm`` in chunks.
+    """Generate with online rerouting: adapt between chunks, decode with ``llm`` in chunks.
 
     Args:
         llm: a vLLM engine serving the same checkpoint (``ttadapt.vllm.make_llm``).
         prompts: strings (tokenised with ``tokenizer`` or the engine's) or token-id lists.
-        hf_model: the same checkpoint in transformers, the trainer (patched on use, then restored).
+        hf_model: the same checkpoint in transformers, the trainer of ``trainer="hf"`` (patched on
+            use, then restored). Not used by ``trainer="search"``.
         reroute: a :class:`ttadapt.RerouteConfig` or preset name. ``interval`` is the chunk length
-            (None: adapt on the prompt only, then decode everything); ``steps=0`` never adapts.
+            (None: adapt on the prompt only, then decode everything) and ``kv_policy`` the salting;
+            with ``trainer="hf"`` every other field drives the gradient rounds (``steps=0`` never adapts).
+        trainer: ``"hf"`` (default: gradient steps with ``hf_model``), ``"search"`` (gradient-free
+            search run by ``llm`` itself, :func:`ttadapt.vllm.search_adapt`; ``search`` holds its knobs,
+            ``rounds=0`` never adapts), or a :class:`ttadapt.vllm.trainers.ChunkTrainer` instance.
+        search: a :class:`ttadapt.vllm.SearchConfig` for ``trainer="search"`` (default ``SearchConfig()``);
+            round ``c`` of sequence ``s`` is seeded ``(search.seed, s, c)``.
         max_tokens: new tokens per sequence at most.
         n: samples per prompt (self-consistency). The prefill adaptation runs once per prompt and its
             first chunk is one vLLM request with ``SamplingParams(n=n)`` (vLLM gives sample ``j`` the
@@ -90,6 +99,7 @@ def generate(
     then those of prompt 1, ...), like HF ``num_return_sequences``.
     """
     cfg = reroute if isinstance(reroute, RerouteConfig) else RerouteConfig.preset(reroute or "default")
+    adapter = make_trainer(trainer, llm=llm, hf_model=hf_model, reroute=cfg, search=search)
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     sp_kwargs = dict(sampling or {})
@@ -110,13 +120,10 @@ def generate(
         VLLMGeneration(prompt_token_ids=ids, prompt_index=i, sample_index=j)
         for i, ids in enumerate(prompt_ids) for j in range(n)
     ]
-    # One Rerouter per sequence; persisting its state across calls gives warm starts between rounds.
-    # The n samples of a prompt start from copies of the prompt's Rerouter after its prefill round.
-    per_seq_cfg = dataclasses.replace(cfg, reset_per_prompt=False)
-    rerouters: list[Rerouter | None] = [None] * len(results)
+    # The trainer keeps one warm-start slot per sequence (seq = result index); the n samples of a prompt
+    # start from forks of the prompt's slot after its prefill round.
     salts = [f"ttadapt-seq:{uuid.uuid4().hex}" for _ in prompt_ids] if cfg.kv_policy == "stale" else None
-    chunked = cfg.steps > 0 and cfg.interval is not None
-    device = _device(hf_model)
+    chunked = adapter.adapts and cfg.interval is not None
 
     def request(
         ctx: list[int], state: RouterState, p_idx: int, done: int, k: int, s: int | None
@@ -130,14 +137,16 @@ def generate(
         return make_prompt(ctx, state), make_sampling_params(state, **kw)
 
     # First chunk: one adaptation and one request with n samples per prompt.
+    first = adapter.adapt(
+        [AdaptJob(seq=i * n, context=ids, prompt_len=len(ids), chunk=0) for i, ids in enumerate(prompt_ids)]
+    )
     inputs, params = [], []
-    for i, ids in enumerate(prompt_ids):
-        rr = Rerouter(hf_model, per_seq_cfg)
-        state = rr.adapt(torch.tensor([ids], device=device), prompt_len=len(ids))
+    for i, (ids, state) in enumerate(zip(prompt_ids, first)):
         kept = state.to("cpu") if keep_states else None
         for j in range(n):
             r = results[i * n + j]
-            rerouters[i * n + j] = rr if j == 0 else copy.copy(rr)
+            if j > 0:
+                adapter.fork(i * n, i * n + j)
             if kept is not None:
                 r.states.append(kept)
             r.chunks = 1
@@ -157,13 +166,16 @@ def generate(
     active = [k for k in range(len(results)) if still(k)]
     chunk_no = 1
     while active:
+        jobs = [
+            AdaptJob(seq=k, context=results[k].prompt_token_ids + results[k].token_ids,
+                     prompt_len=len(results[k].prompt_token_ids), chunk=chunk_no)
+            for k in active
+        ]
+        states = adapter.adapt(jobs)
         inputs, params = [], []
-        for k in active:
+        for k, job, state in zip(active, jobs, states):
             r = results[k]
-            ctx = r.prompt_token_ids + r.token_ids
-            rr = rerouters[k]
-            assert rr is not None
-            state = rr.adapt(torch.tensor([ctx], device=device), prompt_len=len(r.prompt_token_ids))
+            ctx = job.context
             if keep_states:
                 r.states.append(state.to("cpu"))
             r.chunks += 1
@@ -180,6 +192,39 @@ def generate(
         for r in results:
             r.text = tokenizer.decode(r.token_ids)
     return results
+
+
+def make_trainer(
+    trainer: Literal["hf", "search"] | ChunkTrainer,
+    *,
+    llm: LLM,
+    hf_model: nn.Module | None,
+    reroute: RerouteConfig,
+    search: SearchConfig | None,
+) -> ChunkTrainer:
+    """The trainer ``generate`` uses; errors name the missing or conflicting argument."""
+    if not isinstance(trainer, str):
+        if hf_model is not None or search is not None:
+            raise ValueError("pass hf_model=/search= to the trainer you build, not to generate(trainer=<instance>)")
+        return trainer
+    if trainer == "hf":
+        if hf_model is None:
+            raise ValueError(
+                "trainer='hf' needs hf_model= (the same checkpoint loaded with transformers); without a second "
+                "copy of the weights, use trainer='search' (gradient-free, run by the vLLM engine)"
+            )
+        if search is not None:
+            raise ValueError("search= configures trainer='search'; pass trainer='search' or drop search=")
+        return HFTrainer(hf_model, reroute)
+    if trainer == "search":
+        from ttadapt.vllm.search import SearchConfig
+
+        if hf_model is not None:
+            raise ValueError("trainer='search' does not use hf_model=; drop it (or use trainer='hf')")
+        if search is not None and not isinstance(search, SearchConfig):
+            raise TypeError(f"search= must be a ttadapt.vllm.SearchConfig, got {type(search).__name__}")
+        return SearchTrainer(llm, search or SearchConfig())
+    raise ValueError(f"trainer must be 'hf', 'search' or a ChunkTrainer, got {trainer!r}")
 
 
 def chunk_seed(seed: int | None, chunk: int, n: int, sample: int) -> int | None:
@@ -208,9 +253,3 @@ def _ids(p: str | Sequence[int], tokenizer: Any) -> list[int]:
     if isinstance(p, str):
         return list(tokenizer(p)["input_ids"])
     return [int(t) for t in p]
-
-
-def _device(model: nn.Module) -> torch.device:
-    for param in model.parameters():
-        return param.device
-    return torch.device("cpu")
