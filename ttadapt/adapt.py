@@ -162,7 +162,7 @@ class RoundRunner:
             candidates: list[tuple[torch.Tensor, torch.Tensor | None]] = [(state.delta.detach().clone(), val0)]
             if descent is None:
                 descent = _Descent(self, x, y, xm, pos, slots, ckpt)
-                descent.select(picks, first)
+                descent.select(picks, first)  # before the session: checkpointing starts at `first`
                 session.enter_context(descent.session())
             else:
                 descent.select(picks, first)
