@@ -92,18 +92,16 @@ def encode(tok: Any, text: str, length: int) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def continuation_nll(model: Any, ids: torch.Tensor, context: int) -> float:
-    """Mean next-token cross-entropy of ``ids[:, context:]`` given everything before it (one forward)."""
-    logits = model(input_ids=ids, use_cache=False).logits[:, context - 1 : -1]
-    return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, context:].reshape(-1)))
-
-
-@torch.no_grad()
 def _span_nll_sum(model: Any, ids: torch.Tensor, start: int, end: int) -> float:
     """Summed next-token cross-entropy of ``ids[:, start:end]`` given everything before it."""
     logits = model(input_ids=ids[:, :end], use_cache=False).logits[:, start - 1 : end - 1]
     targets = ids[:, start:end].reshape(-1)
     return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, reduction="sum"))
+
+
+def continuation_nll(model: Any, ids: torch.Tensor, context: int) -> float:
+    """Mean next-token cross-entropy of ``ids[:, context:]`` given everything before it (one forward)."""
+    return _span_nll_sum(model, ids, context, ids.shape[1]) / (ids.shape[1] - context)
 
 
 def _boundaries(context: int, total: int, cfg: Any, rounds: str) -> list[int]:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ttadapt.adapt import RoundRunner
+from ttadapt.adapt import RoundResult, RoundRunner
 from ttadapt.config import RerouteConfig
 from ttadapt.handle import PatchHandle, get_handle, patch
 from ttadapt.state import RouterState
@@ -177,18 +177,15 @@ class Rerouter:
         prompt_len = ids.shape[1]
         stream = _ChunkStreamer(streamer) if streamer is not None else None
         try:
-            if prefill_state is None:
-                state = self._start_state(handle, ids.shape[0])
-            else:
-                state = _given_state(prefill_state, ids.shape[0])
+            given = prefill_state is not None
+            state = _given_state(prefill_state, ids.shape[0]) if given else self._start_state(handle, ids.shape[0])
             with handle.use_state(state):
-                if prefill_state is None:
-                    res = runner.run(ids, mask, prompt_len, want_cache=True)
-                    trace.rounds.append(res.trace)
-                    cache = res.cache
+                if given:
+                    res = RoundResult(cache=None, trace=RoundTrace(position=prompt_len, skipped="prefill_state given"))
                 else:
-                    trace.rounds.append(RoundTrace(position=int(ids.shape[1]), skipped="prefill_state given"))
-                    cache = None
+                    res = runner.run(ids, mask, prompt_len, want_cache=True)
+                trace.rounds.append(res.trace)
+                cache = res.cache
                 if n_ret > 1 and beams == 1:
                     ids, mask, cache = _expand(ids, mask, cache, n_ret)
                     if state.batch_size is not None or n_ret > 1:

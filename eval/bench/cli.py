@@ -59,7 +59,7 @@ def _config(method: str, args: argparse.Namespace) -> Any:
         return None
     extra = _overrides(method)
     method = method.split(":", 1)[0]
-    base, _, naive = method.partition("-naive")
+    base = method.removesuffix("-naive")
     cfg = ttadapt.RerouteConfig.preset("paper" if base.startswith("paper") else base)
     if base == "paper-last":
         cfg = cfg.replace(selection="last_n")
