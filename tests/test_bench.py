@@ -26,5 +26,8 @@ def test_bench_smoke(tmp_path: Path) -> None:
     paper = [r for r in data["timing"] if r["method"] == "paper"]
     assert all(r["phases"]["steps"] > 0 and r["phases"]["decode"] > 0 for r in paper)
     assert {r["method"] for r in data["memory"]} == methods and all(r["peak_mib"] > 0 for r in data["memory"])
+    held = next(r for r in data["memory"] if r["method"] == "plain")
+    assert all(r["rss_mib"] > r["peak_mib"] > 0 for r in data["memory"])  # RSS adds the interpreter and libraries
+    assert held["ratio"] == pytest.approx(1.0) and held["rss_ratio"] == pytest.approx(1.0)
     assert (tmp_path / "bench.png").stat().st_size > 0
     assert "ratio vs plain" in (tmp_path / "bench.md").read_text()

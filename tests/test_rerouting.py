@@ -360,6 +360,31 @@ def test_refit_batch_rows_equal_rows_alone_and_cache_is_exact() -> None:
     torch.testing.assert_close(step, fresh, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("policy", ["partial", "full"])
+@pytest.mark.parametrize(
+    ("guard", "refit", "min_gain"), [(False, False, 0.0), (True, False, 0.0), (True, True, 0.0), (True, True, 0.9)]
+)
+def test_memory_mode_keeps_results_and_cache_exact(policy: str, guard: bool, refit: bool, min_gain: float) -> None:
+    """Memory mode drops caches it will not splice and defers the build past the guard; nothing else changes."""
+    model = _olmoe(42)
+    ids = _periodic(43)
+    cfg = REFIT.replace(selection="last_n", kv_policy=policy, guard=guard, refit=refit, min_gain=min_gain)
+    results = []
+    for c in (cfg, cfg.replace(checkpoint_min_tokens=4)):
+        with ttadapt.patch(model) as handle:
+            handle.load_state(handle.new_state())
+            res = RoundRunner(model, handle, c).run(ids, torch.ones_like(ids), ids.shape[1], want_cache=True)
+            with torch.no_grad():
+                step = model(input_ids=ids[:, -1:], past_key_values=res.cache, use_cache=True).logits[:, -1]
+                fresh = model(input_ids=ids).logits[:, -1]
+            torch.testing.assert_close(step, fresh, rtol=1e-5, atol=1e-5)
+            results.append((handle.state.delta.detach().clone(), res.trace.chosen))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    assert results[1][1] == results[0][1]
+    if min_gain > 0:
+        assert results[1][1] == 0  # the guard kept "no change": the cache is rebuilt, not the trimmed one reused
+
+
 def test_refit_is_inert_without_the_guard() -> None:
     model = _olmoe(42)
     ids = _periodic(43)

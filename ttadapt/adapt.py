@@ -19,7 +19,7 @@ from torch import nn
 from ttadapt.chunked_loss import LossHead, LossOutput
 from ttadapt.config import RerouteConfig
 from ttadapt.handle import PatchHandle
-from ttadapt.layer_skip import LayerInputs, checkpoint_from, skip_below, splice_cache, supports_partial
+from ttadapt.layer_skip import LayerInputs, checkpoint_from, skip_below, splice_cache, supports_partial, truncate_cache
 from ttadapt.selection import needs_confidence, select_layers
 from ttadapt.trace import RoundTrace
 
@@ -135,7 +135,8 @@ class RoundRunner:
             if share:  # layers not known yet: every slot trainable, the gradient mask keeps the selected ones
                 descent = _Descent(self, x, y, xm, pos, slots if known else list(range(len(state.layer_ids))), ckpt)
                 session.enter_context(descent.session())
-            with handle.record() as rec, LayerInputs(self.layers) as cap:
+            wanted = {state.layer_ids[min(slots)]} if known else None  # layer inputs to keep for replay
+            with handle.record() as rec, LayerInputs(self.layers, wanted) as cap:
                 with contextlib.nullcontext() if share else torch.no_grad():
                     out = self._losses(x, xm, pos, y, use_cache=conf_cache_wanted)
             conf_cache = _detached(out.past_key_values) if conf_cache_wanted else None
@@ -150,6 +151,10 @@ class RoundRunner:
             first = state.layer_ids[min(slots)]
             hidden = cap.inputs.get(first)
             cap.inputs.clear()
+            conf_full = conf_cache is not None
+            if ckpt and conf_cache is not None:  # memory mode: keep only the layers the refresh splices
+                conf_full = False
+                conf_cache = conf_cache if policy == "partial" and truncate_cache(conf_cache, first) else None
             trace.selected_layers = [state.layer_ids[s] for s in slots]
             if B > 1:
                 trace.rows_selected = [[state.layer_ids[s] for s in sl] for sl, _ in picks]
@@ -174,8 +179,10 @@ class RoundRunner:
         # 3. refresh: cache (and held-out loss) under the final delta
         t0 = time.perf_counter()
         partial = policy == "partial" and (conf_cache is None or supports_partial(conf_cache))
+        deferred = cfg.guard and cfg.refit  # the guard decides first, so the cache is built once, after it
         cache, ce_final, after = self._refresh(
-            x, y, xm, pos, first, hidden, build=want_cache and policy != "stale", partial=partial, conf_cache=conf_cache
+            x, y, xm, pos, first, hidden, build=want_cache and policy != "stale" and not deferred,
+            partial=partial, conf_cache=conf_cache,
         )
         if ce_final is not None and len(candidates) > 1:
             candidates[-1] = (candidates[-1][0], _masked_mean(ce_final, val_f))
@@ -186,7 +193,7 @@ class RoundRunner:
             kept = self._choose(candidates, state)
             trace.chosen = kept[0] if len(set(kept)) == 1 else None
             trace.val_loss = [float(v.mean()) for _, v in candidates if v is not None]
-            rebuild = kept != [len(candidates) - 1] * len(kept)
+            rebuild = deferred or kept != [len(candidates) - 1] * len(kept)
             if cfg.refit and max(kept) > 0:
                 t1 = time.perf_counter()
                 self._refit(descent, candidates[0][0], kept, fit_f + val_f, trace)
@@ -194,7 +201,7 @@ class RoundRunner:
                 t0 += trace.times["refit"]
                 rebuild = True
             if rebuild and want_cache and policy != "stale":
-                if max(kept) == 0 and conf_cache is not None:
+                if max(kept) == 0 and conf_full:
                     cache = conf_cache
                 else:
                     cache, _, _ = self._refresh(

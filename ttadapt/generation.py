@@ -225,7 +225,9 @@ class Rerouter:
                     ids = out.sequences
                     if produced >= max_new or got < chunk or bool(finished.all()) or not chunked:
                         break
-                    res = runner.run(ids, mask, prompt_len, want_cache=True, stale_cache=out.past_key_values)
+                    stale = out.past_key_values if cfg.kv_policy == "stale" else None
+                    cache = out = None  # the round rebuilds the cache: do not hold two
+                    res = runner.run(ids, mask, prompt_len, want_cache=True, stale_cache=stale)
                     trace.rounds.append(res.trace)
                     cache = res.cache
                 trace.generated = produced

@@ -16,15 +16,18 @@ from torch import nn
 
 
 class LayerInputs:
-    """Captures the hidden-state input of every decoder layer during one forward."""
+    """Captures the hidden-state input of every decoder layer (or of the ``wanted`` ones) during one forward."""
 
-    def __init__(self, layers: nn.ModuleList) -> None:
+    def __init__(self, layers: nn.ModuleList, wanted: set[int] | None = None) -> None:
         self.layers = layers
+        self.wanted = wanted
         self.inputs: dict[int, torch.Tensor] = {}
         self._hooks: list[Any] = []
 
     def __enter__(self) -> LayerInputs:
         for i, layer in enumerate(self.layers):
+            if self.wanted is not None and i not in self.wanted:
+                continue
             self._hooks.append(layer.register_forward_pre_hook(self._make(i), with_kwargs=True))
         return self
 
@@ -69,6 +72,14 @@ def splice_cache(new: Any, old: Any, first: int) -> bool:
         return False
     for i in range(first):
         new.layers[i] = old.layers[i]
+    return True
+
+
+def truncate_cache(cache: Any, first: int) -> bool:
+    """Drop layers ``>= first`` of a DynamicCache (only its lower layers get spliced later); False if unsupported."""
+    if not _is_plain_dynamic(cache):
+        return False
+    del cache.layers[first:]
     return True
 
 

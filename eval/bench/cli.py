@@ -1,8 +1,9 @@
 """``ttadapt bench``: wall time and peak memory of plain generate vs ttadapt presets, with sweeps.
 
 Ratios come from interleaved runs in one process (A B A B ..., warm-up first, median of per-round
-ratios). Peak memory: CUDA allocator peak on GPU; on CPU, peak RSS of a fresh subprocess per
-method (weights included), so the numbers do not depend on what ran before.
+ratios). Peak memory, each method in a fresh subprocess: the tensor peak (weights included) from
+the CUDA allocator on GPU and from the profiler's allocation events on CPU (``peak.py``); on CPU
+also the process's peak RSS, which mostly measures what glibc keeps after frees.
 """
 
 from __future__ import annotations
@@ -126,45 +127,63 @@ def run_timing(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def _worker(args: argparse.Namespace, method: str, ctx: int, measure: str) -> dict[str, Any]:
+    """Run one method in a fresh process, so no earlier run's memory counts; its JSON report."""
+    cmd = [sys.executable, "-m", "ttadapt.eval.bench.cli", "_one", "--method", method, "--context", str(ctx),
+           "--new-tokens", str(args.new_tokens[0]), "--model", args.model, "--device", args.device,
+           "--dtype", args.dtype, "--measure", measure] + (["--layers", str(args.layers)] if args.layers else [])
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    for flag in ("steps", "interval", "ratio"):
+        if getattr(args, flag) is not None:
+            cmd += [f"--{flag}", str(getattr(args, flag))]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory worker failed for {method} at context {ctx}: {(proc.stdout + proc.stderr)[-800:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def run_memory(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Peak RSS per method in a fresh process (CPU), or CUDA peak in-process on GPU."""
+    """Per method and context: tensor peak (weights included) and, on CPU, peak RSS; ratios vs plain."""
     rows = []
+    cpu = not args.device.startswith("cuda")
     for ctx in args.context:
         for m in args.methods:
-            cmd = [sys.executable, "-m", "ttadapt.eval.bench.cli", "_one", "--method", m, "--context", str(ctx),
-                   "--new-tokens", str(args.new_tokens[0]), "--model", args.model, "--device", args.device,
-                   "--dtype", args.dtype] + (["--layers", str(args.layers)] if args.layers else [])
-            if args.threads:
-                cmd += ["--threads", str(args.threads)]
-            for flag in ("steps", "interval", "ratio"):
-                if getattr(args, flag) is not None:
-                    cmd += [f"--{flag}", str(getattr(args, flag))]
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-            out = proc.stdout.read() if proc.stdout else ""
-            _, status, usage = os.wait4(proc.pid, 0)
-            if status != 0:
-                raise RuntimeError(f"memory worker failed for {m} at context {ctx}: {out[-500:]}")
-            info = json.loads(out.strip().splitlines()[-1])
-            peak = info.get("cuda_peak_mib") or usage.ru_maxrss / 1024
-            rows.append({"context": ctx, "method": m, "peak_mib": peak})
-        base = next(r["peak_mib"] for r in rows if r["context"] == ctx and r["method"] == "plain")
+            row: dict[str, Any] = {"context": ctx, "method": m}
+            row["peak_mib"] = _worker(args, m, ctx, "tensors")["tensor_peak_mib"]
+            if cpu:  # a separate run: the profiler's own buffers would inflate RSS
+                row["rss_mib"] = _worker(args, m, ctx, "rss")["rss_peak_mib"]
+            rows.append(row)
+        base = next(r for r in rows if r["context"] == ctx and r["method"] == "plain")
         for r in rows:
             if r["context"] == ctx:
-                r["ratio"] = r["peak_mib"] / base
+                r["ratio"] = r["peak_mib"] / base["peak_mib"]
+                if cpu:
+                    r["rss_ratio"] = r["rss_mib"] / base["rss_mib"]
         print(f"memory @ {ctx}: " + ", ".join(f"{r['method']} {r['ratio']:.2f}x" for r in rows if r["context"] == ctx), file=sys.stderr)
     return rows
 
 
 def _one(args: argparse.Namespace) -> None:
+    import resource
+
+    from .peak import cpu_tensor_peak, held_bytes
+
     dtype = getattr(torch, args.dtype)
     model, vocab = build(args.model, device=args.device, dtype=dtype, layers=args.layers)
     ids = torch.randint(2, vocab, (1, args.context[0]), generator=torch.Generator().manual_seed(0)).to(args.device)
     fn = _runner(model, args.method, ids, args.new_tokens[0], args)
+    report: dict[str, Any] = {}
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    fn()
-    peak = torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else None
-    print(json.dumps({"cuda_peak_mib": peak}))
+        fn()
+        report["tensor_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    elif args.measure == "tensors":
+        report["tensor_peak_mib"] = (held_bytes(model) + ids.nbytes + cpu_tensor_peak(fn)) / 2**20
+    else:
+        fn()
+        report["rss_peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(report))
 
 
 def to_markdown(env: dict[str, Any], timing: list[dict[str, Any]], memory: list[dict[str, Any]]) -> str:
@@ -183,9 +202,12 @@ def to_markdown(env: dict[str, Any], timing: list[dict[str, Any]], memory: list[
                 f"{p.get('decode', 0):.3f} |"
             )
     if memory:
-        lines += ["", "| context | method | peak MiB | ratio vs plain |", "|---|---|---|---|"]
+        rss = "rss_mib" in memory[0]
+        lines += ["", "| context | method | tensor peak MiB | ratio vs plain |" + (" peak RSS MiB | RSS ratio |" if rss else ""),
+                  "|---|---|---|---|" + ("---|---|" if rss else "")]
         for r in memory:
-            lines.append(f"| {r['context']} | {r['method']} | {r['peak_mib']:.0f} | {r['ratio']:.2f}× |")
+            lines.append(f"| {r['context']} | {r['method']} | {r['peak_mib']:.0f} | **{r['ratio']:.2f}×** |"
+                         + (f" {r['rss_mib']:.0f} | {r['rss_ratio']:.2f}× |" if rss else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -226,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--measure", default="tensors", choices=["tensors", "rss"], help=argparse.SUPPRESS)
     p.add_argument("--memory-context", type=int, nargs="+", default=None, help="contexts for the memory pass")
     p.add_argument("--out", type=Path, default=None, help="folder for bench.json, bench.md, bench.png")
     return p
