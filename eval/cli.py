@@ -2,6 +2,7 @@
 
 ttadapt eval --model PATH --task humaneval --method reroute --limit N --seed S --out DIR
 ttadapt eval --model PATH --task gsm8k,mbpp --method base,icl5,sc8 --out DIR
+ttadapt eval --model PATH --task humaneval --method base,sc8,reroute --backend vllm --device cuda --out DIR
 ttadapt eval report DIR
 ttadapt eval compare DIR1 DIR2 [--method-a base --method-b reroute]
 ttadapt eval tasks
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import METHODS, parse_method
+from .config import BACKENDS, METHODS, TRAINERS, VLLMOptions, parse_method
 from .sandbox import SandboxLimits
 
 
@@ -87,6 +88,30 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
+    p.add_argument(
+        "--backend", choices=BACKENDS, default="hf", help="generate with transformers (hf) or a vLLM engine (vllm)"
+    )
+    p.add_argument("--max-model-len", type=int, default=None, help="context limit for prompts and the vLLM engine")
+    v = p.add_argument_group("vLLM backend (--backend vllm)")
+    v.add_argument("--batch-size", type=int, default=1, help="examples per vLLM call (default 1)")
+    v.add_argument("--trainer", choices=TRAINERS, default="hf", help="reroute trainer: HF gradient steps or search")
+    v.add_argument(
+        "--search-set",
+        type=_kv,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one ttadapt.vllm.SearchConfig field for --trainer search, e.g. rounds=2",
+    )
+    v.add_argument("--gpu-memory-utilization", type=float, default=None, help="the engine's share of GPU memory")
+    v.add_argument(
+        "--vllm-arg",
+        type=_kv,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a further vllm.LLM argument (JSON value), e.g. tensor_parallel_size=2",
+    )
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -119,11 +144,21 @@ def _run(argv: Sequence[str]) -> int:
             fields["reroute_overrides"] = overrides
         specs.append(parse_method(m, **fields))
     sandbox = SandboxLimits(timeout_s=args.timeout, memory_mb=args.memory_mb, workers=args.workers)
+    options = _vllm_options(args)
     if args.threads is not None:
         import torch
 
         torch.set_num_threads(args.threads)
+    from .vllm_backend import build_engine, require_vllm
+
+    if args.backend == "vllm":
+        require_vllm()  # before loading the HF model: fail fast
     model, tok = load_model(args.model, args.dtype, args.device)
+    llm = None
+    if args.backend == "vllm":
+        llm = build_engine(
+            args.model, dtype=args.dtype, seed=args.seed, max_model_len=args.max_model_len, options=options
+        )
     for t in tasks:
         for spec in specs:
             run_eval(
@@ -135,6 +170,7 @@ def _run(argv: Sequence[str]) -> int:
                 args.out,
                 model=model,
                 tokenizer=tok,
+                llm=llm,
                 progress=not args.no_progress,
                 max_new_tokens=args.max_new_tokens,
                 mc_mode=args.mc_mode,
@@ -146,12 +182,31 @@ def _run(argv: Sequence[str]) -> int:
                 sandbox=sandbox,
                 dtype=args.dtype,
                 device=args.device,
+                backend=args.backend,
+                max_model_len=args.max_model_len,
+                vllm=options,
                 write_root_report=False,
             )
     from .report import markdown_report, write_reports
 
     print(markdown_report(write_reports(args.out)["runs"]), end="")
     return 0
+
+
+def _vllm_options(args: argparse.Namespace) -> VLLMOptions:
+    """The vLLM backend's options from the CLI; an error before any model loads when they come without it."""
+    options = VLLMOptions(
+        trainer=args.trainer,
+        search=dict(args.search_set),
+        batch_size=args.batch_size,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        engine_args=dict(args.vllm_arg),
+    )
+    if args.backend != "vllm" and options != VLLMOptions():
+        raise ValueError(
+            "--batch-size, --trainer, --search-set, --gpu-memory-utilization and --vllm-arg need --backend vllm"
+        )
+    return options
 
 
 def _compare(argv: Sequence[str]) -> int:

@@ -1,12 +1,13 @@
 """Validated run configuration: the method (base/reroute/icl/sc/reroute+sc) and the evaluation knobs.
 
 ``EvalConfig.identity()`` is what a resumed run must match (the example limit is not part of it,
-so a run can be extended with a larger ``--limit``).
+so a run can be extended with a larger ``--limit``). ``VLLMOptions`` configures the vLLM backend.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -14,8 +15,18 @@ from typing import Any, Literal
 from .sandbox import SandboxLimits
 
 METHODS: tuple[str, ...] = ("base", "reroute", "icl", "sc", "reroute+sc")
+BACKENDS: tuple[str, ...] = ("hf", "vllm")
+TRAINERS: tuple[str, ...] = ("hf", "search")
 DEFAULT_SHOTS = 5
 DEFAULT_SAMPLES = 8
+# vllm.LLM arguments set from dedicated options, so ``engine_args`` may not repeat them.
+_MANAGED_ENGINE_ARGS = {
+    "model": "--model",
+    "dtype": "--dtype",
+    "seed": "--seed",
+    "max_model_len": "--max-model-len",
+    "gpu_memory_utilization": "--gpu-memory-utilization",
+}
 
 
 @dataclass(frozen=True)
@@ -111,6 +122,59 @@ class MethodSpec:
 
 
 @dataclass(frozen=True)
+class VLLMOptions:
+    """Settings of the vLLM generation backend (``EvalConfig.backend == "vllm"``).
+
+    Args:
+        trainer: who adapts the router between chunks in the reroute methods: ``hf`` (gradient steps on
+            the HF copy of the model) or ``search`` (gradient-free, scored by the engine).
+        search: ``ttadapt.vllm.SearchConfig`` fields for ``trainer="search"`` (``seed`` defaults to the
+            example seed).
+        batch_size: examples per vLLM call (throughput only; see eval/README.md on determinism).
+        gpu_memory_utilization: the engine's share of GPU memory (None: vLLM's default); leave room
+            for the HF copy of the model.
+        engine_args: further ``vllm.LLM`` keyword arguments, e.g. ``{"tensor_parallel_size": 2}``.
+    """
+
+    trainer: Literal["hf", "search"] = "hf"
+    search: Mapping[str, Any] = field(default_factory=dict)
+    batch_size: int = 1
+    gpu_memory_utilization: float | None = None
+    engine_args: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "search", dict(sorted(self.search.items())))
+        object.__setattr__(self, "engine_args", dict(sorted(self.engine_args.items())))
+        if self.trainer not in TRAINERS:
+            raise ValueError(f"trainer must be one of {TRAINERS}, got {self.trainer!r}")
+        if self.search and self.trainer != "search":
+            raise ValueError("search settings configure trainer='search' (--trainer search)")
+        if self.search:
+            from ttadapt.vllm import SearchConfig  # pure Python: imports no vLLM
+
+            try:
+                SearchConfig(**self.search)
+            except TypeError as exc:
+                raise ValueError(f"bad search setting: {exc}") from None
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        clash = sorted(set(self.engine_args) & set(_MANAGED_ENGINE_ARGS))
+        if clash:
+            raise ValueError(
+                "engine_args may not set " + ", ".join(f"{k} (use {_MANAGED_ENGINE_ARGS[k]})" for k in clash)
+            )
+
+    def identity(self, rerouting: bool) -> dict[str, Any]:
+        """The settings that can change results (batch size and memory share are left out)."""
+        d: dict[str, Any] = {"engine_args": dict(self.engine_args)}
+        if rerouting:
+            d.update(trainer=self.trainer, search=dict(self.search))
+        return json.loads(json.dumps(d))  # as run.json reads back (tuples become lists)
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """Everything that determines a run's per-example results (together with the model and seed).
 
@@ -123,7 +187,12 @@ class EvalConfig:
         routing: record per-layer expert usage base vs rerouted (reroute methods).
         pass_ks: k values for pass@k / maj@k (those <= samples are reported).
         sandbox: limits for executing generated code.
-        dtype: model dtype (``float32`` recommended on CPU).
+        dtype: model dtype (``float32`` recommended on CPU), for the HF model and the vLLM engine.
+        backend: ``hf`` (transformers, one prompt at a time) or ``vllm`` (generation by a vLLM engine;
+            likelihoods, the reference NLL and the HF trainer still use the HF model).
+        max_model_len: context limit for fitting prompts and for the vLLM engine (None: the model's
+            ``max_position_embeddings``).
+        vllm: the vLLM backend's settings (only with ``backend="vllm"``; a dict of its fields is accepted).
     """
 
     task: str
@@ -139,6 +208,9 @@ class EvalConfig:
     sandbox: SandboxLimits = field(default_factory=SandboxLimits)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
+    backend: Literal["hf", "vllm"] = "hf"
+    max_model_len: int | None = None
+    vllm: VLLMOptions = field(default_factory=VLLMOptions)
 
     def __post_init__(self) -> None:
         if not self.task:
@@ -157,14 +229,32 @@ class EvalConfig:
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if isinstance(self.vllm, Mapping):
+            object.__setattr__(self, "vllm", VLLMOptions(**self.vllm))
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend != "vllm" and self.vllm != VLLMOptions():
+            raise ValueError("vLLM options (batch size, trainer, engine settings) need backend='vllm' (--backend vllm)")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2 or None, got {self.max_model_len}")
 
     def identity(self) -> dict[str, Any]:
-        """The settings a resumed run must share with the records already on disk."""
+        """The settings a resumed run must share with the records already on disk.
+
+        ``backend`` and ``max_model_len`` are left out at their defaults, and ``vllm`` with the hf
+        backend, so runs recorded before these fields existed still resume.
+        """
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["method"] = self.method.to_dict()
         d["sandbox"] = self.sandbox.to_dict()
         d["sandbox"].pop("workers", None)  # parallelism does not change results
         d["pass_ks"] = list(self.pass_ks)
+        d["vllm"] = self.vllm.identity(self.method.rerouting)
+        for name, default in (("backend", "hf"), ("max_model_len", None)):
+            if d[name] == default:
+                del d[name]
+        if self.backend != "vllm":
+            del d["vllm"]
         return d
 
 

@@ -1,15 +1,20 @@
-"""Evaluate one example under one method and return its JSON record.
+"""Evaluate examples under one method and return their JSON records.
 
 For the reroute methods the reference NLL (and multiple-choice log-probs) use a state adapted on the
-prompt only (``Rerouter.adapt``), never on the reference: the base and rerouted NLL of the same
-tokens are both recorded, with per-layer expert usage under each, so the shift is paired per item.
+prompt only, never on the reference: the base and rerouted NLL of the same tokens are both recorded,
+with per-layer expert usage under each, so the shift is paired per item. With HF generation that
+state comes from ``Rerouter.adapt`` and is handed to ``ttadapt.generate``; with the vLLM backend it
+is the state the first chunk was decoded under (the prompt is adapted once either way).
+
+An example goes through :func:`prepare_example` (prompt), generation (one batch of examples per
+call with the vLLM backend) and :func:`finish_example` (scores, NLL, record).
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +23,7 @@ import torch
 from .config import EvalConfig
 from .datasets import Example, TaskData
 from .likelihood import Encoder, continuation_logprobs, fit_left
-from .methods import example_seed, generate, stops_for, summarize_trace
+from .methods import Generation, example_seed, generate, stops_for, summarize_trace
 from .prompts import Prompt, build_prompt, render, select_shots
 from .routing import RouterSite, count_usage, find_routers
 from .scoring import score_code, score_math, score_mc_generate, score_mc_loglik
@@ -28,20 +33,28 @@ RECORD_SCHEMA = "ttadapt.eval.record/1"
 
 @dataclass
 class EvalContext:
-    """What every example of a run shares: model, tokenizer, task data, config and router sites."""
+    """What every example of a run shares: model, tokenizer, task data, config and router sites.
+
+    ``generator``: the vLLM backend's :class:`~ttadapt.eval.vllm_backend.VLLMGenerator` (None: HF generation).
+    """
 
     model: Any
     tokenizer: Any
     data: TaskData
     cfg: EvalConfig
     reroute_config: Any = None
+    generator: Any = None
     encoder: Encoder = field(init=False)
     max_len: int | None = field(init=False)
     routers: list[RouterSite] = field(init=False)
 
     def __post_init__(self) -> None:
         self.encoder = Encoder(self.tokenizer)
-        self.max_len = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        limits = [
+            getattr(getattr(self.model, "config", None), "max_position_embeddings", None),
+            self.cfg.max_model_len,
+        ]
+        self.max_len = min((n for n in limits if n is not None), default=None)
         self.routers = find_routers(self.model) if self.cfg.routing and self.cfg.method.rerouting else []
 
     @property
@@ -118,11 +131,26 @@ def _score_pairs(
     return lps, (usage.table() if usage is not None else None)
 
 
-def evaluate_example(ctx: EvalContext, index: int, ex: Example) -> dict[str, Any]:
-    """Run the method on one example and score it; the record is JSON-serialisable."""
+@dataclass
+class Pending:
+    """An example between :func:`prepare_example` and :func:`finish_example`."""
+
+    index: int
+    ex: Example
+    prompt: Prompt
+    ids: list[int]
+    record: dict[str, Any]
+    loglik_mc: bool
+    prep_s: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+    state: Any = None
+    adapt_trace: dict[str, Any] | None = None
+
+
+def prepare_example(ctx: EvalContext, index: int, ex: Example) -> Pending:
+    """Build the example's prompt and record head; adapt on the prompt when no generator will (see module doc)."""
     cfg, spec = ctx.cfg, ctx.cfg.method
     t_start = time.perf_counter()
-    timings: dict[str, float] = {}
     shots = select_shots(ctx.data, ex, spec.shots, cfg.seed) if spec.shots else []
     loglik_mc = ex.kind == "mc" and cfg.mc_mode == "loglik"
     reserve = 64 if loglik_mc else cfg.max_new_tokens
@@ -138,13 +166,60 @@ def evaluate_example(ctx: EvalContext, index: int, ex: Example) -> dict[str, Any
         "prompt_tokens": len(ids),
         "truncated": truncated,
     }
-    state, adapt_trace = None, None
-    if spec.rerouting and (cfg.nll or loglik_mc):
-        state, adapt_trace, timings["adapt_s"] = _adapt(ctx, ids)
+    p = Pending(index, ex, prompt, ids, record, loglik_mc)
+    if spec.rerouting and (loglik_mc or (cfg.nll and ctx.generator is None)):
+        p.state, p.adapt_trace, p.timings["adapt_s"] = _adapt(ctx, ids)
+    p.prep_s = time.perf_counter() - t_start
+    return p
+
+
+def _generate(ctx: EvalContext, items: Sequence[Pending]) -> list[Generation]:
+    """The method's samples for each example: one vLLM batch, or HF generation one prompt at a time."""
+    cfg = ctx.cfg
+    stops = stops_for(ctx.data.template)
+    seeds = [example_seed(cfg.seed, p.ex.id) for p in items]
+    if ctx.generator is not None:
+        return ctx.generator.generate([p.ids for p in items], seeds, stops)
+    return [
+        generate(
+            ctx.model,
+            ctx.tokenizer,
+            p.ids,
+            cfg.method,
+            max_new_tokens=cfg.max_new_tokens,
+            stops=stops,
+            seed=seed,
+            reroute_config=ctx.reroute_config,
+            prefill_state=p.state,  # adapted once for the NLL record: generation reuses it
+        )
+        for p, seed in zip(items, seeds)
+    ]
+
+
+def evaluate_batch(ctx: EvalContext, items: Sequence[tuple[int, Example]]) -> list[dict[str, Any]]:
+    """Run the method on a batch of (index, example) and score each; records in the given order."""
+    pending = [prepare_example(ctx, i, ex) for i, ex in items]
+    generating = [p for p in pending if not p.loglik_mc]
+    gens = dict(zip((p.index for p in generating), _generate(ctx, generating) if generating else []))
+    return [finish_example(ctx, p, gens.get(p.index)) for p in pending]
+
+
+def evaluate_example(ctx: EvalContext, index: int, ex: Example) -> dict[str, Any]:
+    """Run the method on one example and score it; the record is JSON-serialisable."""
+    return evaluate_batch(ctx, [(index, ex)])[0]
+
+
+def finish_example(ctx: EvalContext, p: Pending, gen: Generation | None) -> dict[str, Any]:
+    """Score the outputs (``gen``; None for loglik multiple choice), add the reference NLL, return the record."""
+    t_finish = time.perf_counter()
+    cfg, spec, ex, prompt, record, timings = ctx.cfg, ctx.cfg.method, p.ex, p.prompt, p.record, p.timings
+    state, adapt_trace = p.state, p.adapt_trace
+    if state is None and gen is not None and cfg.nll and gen.prefill_state is not None:
+        state, adapt_trace = gen.prefill_state, gen.prefill_trace  # the vLLM backend adapted the prompt
 
     # ---- outputs and scores
     t0 = time.perf_counter()
-    if loglik_mc:
+    if p.loglik_mc:
         conts = [" " + c for c in ex.choices]
         pairs = [
             fit_left(*ctx.encoder.encode_pair(prompt.text, c), ctx.max_len, len(ctx.encoder.prefix))[:2] for c in conts
@@ -155,28 +230,16 @@ def evaluate_example(ctx: EvalContext, index: int, ex: Example) -> dict[str, Any
         gen_trace = None
         timings["score_s"] = time.perf_counter() - t0
     else:
-        stops = stops_for(ctx.data.template)
-        gen = generate(
-            ctx.model,
-            ctx.tokenizer,
-            ids,
-            spec,
-            max_new_tokens=cfg.max_new_tokens,
-            stops=stops,
-            seed=example_seed(cfg.seed, ex.id),
-            reroute_config=ctx.reroute_config,
-            prefill_state=state,  # adapted once for the NLL record: generation reuses it
-        )
+        assert gen is not None, "a generating example needs its Generation"
         timings["generate_s"] = gen.seconds
         record["outputs"], record["new_tokens"], gen_trace = gen.texts, gen.new_tokens, gen.trace
-        t1 = time.perf_counter()
         if ex.kind == "code":
             scores, extra = score_code(ex, prompt.target_text, gen.texts, cfg.pass_ks, cfg.sandbox)
         elif ex.kind == "math":
             scores, extra = score_math(ex, gen.texts, cfg.pass_ks)
         else:
             scores, extra = score_mc_generate(ex, gen.texts, cfg.pass_ks)
-        timings["score_s"] = time.perf_counter() - t1
+        timings["score_s"] = time.perf_counter() - t0
     record["scores"], record["details"] = scores, extra
     record["trace"] = {"generate": gen_trace, "prefill_adapt": adapt_trace} if spec.rerouting else None
 
@@ -203,6 +266,6 @@ def evaluate_example(ctx: EvalContext, index: int, ex: Example) -> dict[str, Any
         nll["value"] = nll.get("rerouted", nll["base"])
         record["ref_nll"] = nll
         timings["nll_s"] = time.perf_counter() - t2
-    timings["total_s"] = time.perf_counter() - t_start
+    timings["total_s"] = p.prep_s + timings.get("generate_s", 0.0) + time.perf_counter() - t_finish
     record["timings"] = {k: round(v, 4) for k, v in timings.items()}
     return record

@@ -64,12 +64,32 @@ class StopOnStrings:
 
 @dataclass
 class Generation:
-    """Decoded samples (stop-truncated), their new-token counts, the core's trace summary and timing."""
+    """Decoded samples (stop-truncated), their new-token counts, the core's trace summary and timing.
+
+    ``prefill_state``/``prefill_trace``: the prompt's adapted state and its summary when the generator
+    adapted it itself (vLLM backend), for the reference NLL.
+    """
 
     texts: list[str]
     new_tokens: list[int]
     trace: dict[str, Any] | None
     seconds: float
+    prefill_state: Any = None
+    prefill_trace: dict[str, Any] | None = None
+
+
+def decode_sample(
+    tokenizer: Any, tokens: Sequence[int], stops: Sequence[str], pad: int | None = None
+) -> tuple[str, int]:
+    """A sample's stop-truncated text and its new-token count (trailing ``pad`` dropped, cut after EOS)."""
+    toks = [int(t) for t in tokens]
+    n = len(toks)
+    while n and pad is not None and toks[n - 1] == pad:
+        n -= 1
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos in toks[:n]:
+        n = toks.index(eos) + 1
+    return truncate_at_stops(tokenizer.decode(toks[:n], skip_special_tokens=True), stops), n
 
 
 def example_seed(seed: int, example_id: str) -> int:
@@ -143,17 +163,8 @@ def generate(
     seconds = time.perf_counter() - t0
     if hasattr(seqs, "sequences"):
         seqs = seqs.sequences
-    texts, counts = [], []
-    for row in seqs[:, ids.shape[1] :]:
-        toks = [int(t) for t in row.tolist()]
-        n = len(toks)
-        while n and toks[n - 1] == pad:
-            n -= 1
-        if eos is not None and eos in toks[:n]:
-            n = toks.index(eos) + 1
-        texts.append(truncate_at_stops(tokenizer.decode(toks[:n], skip_special_tokens=True), stops))
-        counts.append(n)
-    return Generation(texts, counts, trace, seconds)
+    texts, counts = zip(*(decode_sample(tokenizer, row.tolist(), stops, pad) for row in seqs[:, ids.shape[1] :]))
+    return Generation(list(texts), list(counts), trace, seconds)
 
 
 def _jsonable(x: Any, depth: int = 0) -> Any:

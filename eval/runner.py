@@ -15,9 +15,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+from . import vllm_backend
 from .config import EvalConfig, MethodSpec, parse_method
 from .datasets import iter_limited, load_task
-from .evaluate import EvalContext, evaluate_example
+from .evaluate import EvalContext, evaluate_batch
 from .records import append_record, load_records, write_json
 from .report import run_summary, write_reports
 
@@ -50,6 +51,18 @@ def load_model(model_path: str | Path, dtype: str = "float32", device: str = "cp
     return model, tok
 
 
+def _changed(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the settings that differ (``config.backend``, ``config.method.shots``)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(prefix + k)
+    return out
+
+
 def _check_identity(run_dir: Path, ident: dict[str, Any]) -> None:
     import json
 
@@ -59,10 +72,18 @@ def _check_identity(run_dir: Path, ident: dict[str, Any]) -> None:
         return
     old = json.loads(path.read_text(encoding="utf-8"))
     if old != ident:
-        diff = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
         raise ResumeMismatchError(
-            f"{run_dir} holds a run with different settings ({', '.join(diff)}); "
+            f"{run_dir} holds a run with different settings ({', '.join(_changed(old, ident))}); "
             "use a new --out directory, a different --label, or delete that run directory to start over"
+        )
+
+
+def _check_engine_len(llm: Any, max_len: int | None) -> None:
+    have = vllm_backend.engine_max_len(llm)
+    if have is not None and max_len is not None and have < max_len:
+        raise ValueError(
+            f"the vLLM engine's max_model_len ({have}) is below the context prompts are fitted to ({max_len}); "
+            f"pass max_model_len={have} (--max-model-len {have}) so prompts leave room for generation"
         )
 
 
@@ -76,6 +97,7 @@ def run_eval(
     *,
     model: Any = None,
     tokenizer: Any = None,
+    llm: Any = None,
     progress: bool = True,
     stop_after: int | None = None,
     write_root_report: bool = True,
@@ -85,20 +107,29 @@ def run_eval(
 
     Examples already in the run's ``records.jsonl`` are skipped (resume), so an interrupted run
     continues where it stopped and ends with the same ``report.json``. ``model``/``tokenizer`` may be
-    passed pre-loaded (``model_path`` is then only recorded). ``config`` holds further
-    :class:`EvalConfig` fields (``max_new_tokens``, ``mc_mode``, ``sandbox``, ...). ``stop_after``
-    stops after that many new examples (to test interruption). ``write_root_report=False`` skips
-    rebuilding ``out_dir``'s combined report and plots (the CLI does it once after all runs).
+    passed pre-loaded (``model_path`` is then only recorded), and so may the vLLM engine ``llm`` of
+    ``backend="vllm"`` (else one is built with ``ttadapt.vllm.make_llm``). ``config`` holds further
+    :class:`EvalConfig` fields (``max_new_tokens``, ``mc_mode``, ``sandbox``, ``backend``, ``vllm``,
+    ...). Examples run in batches of ``vllm.batch_size`` (vLLM backend); records are appended one by
+    one. ``stop_after`` stops after that many new examples (to test interruption).
+    ``write_root_report=False`` skips rebuilding ``out_dir``'s combined report and plots (the CLI does
+    it once after all runs).
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 or None, got {limit}")
     spec = method if isinstance(method, MethodSpec) else parse_method(method)
     cfg = EvalConfig(task=task, method=spec, seed=seed, **config)
     data = load_task(task)
-    if data.kind == "mc" and cfg.mc_mode == "loglik" and spec.sampling:
+    loglik = data.kind == "mc" and cfg.mc_mode == "loglik"  # scored by the HF model, nothing generated
+    if loglik and spec.sampling:
         raise ValueError(
             f"{spec.name!r} samples generations; multiple choice by log-likelihood has none: "
             "use mc_mode='generate' (--mc-mode generate)"
+        )
+    if loglik and spec.rerouting and cfg.vllm.trainer == "search":
+        raise ValueError(
+            "trainer='search' adapts while generating; multiple choice by log-likelihood generates nothing "
+            "(its prompt state comes from the HF model): use mc_mode='generate' or trainer='hf'"
         )
     run_dir = run_dir_for(out_dir, data.name, spec.label)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -107,21 +138,31 @@ def run_eval(
     rec_path = run_dir / "records.jsonl"
     done = load_records(rec_path, repair=True)
 
-    todo = [(i, ex) for i, ex in iter_limited(data, limit) if ex.id not in done]
+    todo = [(i, ex) for i, ex in iter_limited(data, limit) if ex.id not in done][:stop_after]
     if todo:
+        use_vllm = cfg.backend == "vllm" and not loglik
+        if use_vllm and llm is None:
+            vllm_backend.require_vllm()  # before loading the HF model: fail fast
         if model is None or tokenizer is None:
             model, tokenizer = load_model(model_path, cfg.dtype, cfg.device)
         reroute_cfg = spec.reroute_config() if spec.rerouting else None
         ctx = EvalContext(model, tokenizer, data, cfg, reroute_cfg)
+        if use_vllm:
+            if llm is None:
+                llm = vllm_backend.build_engine(
+                    model_path, dtype=cfg.dtype, seed=cfg.seed, max_model_len=cfg.max_model_len, options=cfg.vllm
+                )
+            _check_engine_len(llm, ctx.max_len)
+            ctx.generator = vllm_backend.VLLMGenerator(llm, tokenizer, cfg, hf_model=model, reroute_config=reroute_cfg)
         from tqdm.auto import tqdm
 
-        bar = tqdm(todo, desc=f"{data.name}/{spec.label}", unit="ex", disable=not progress)
-        for n_new, (i, ex) in enumerate(bar):
-            if stop_after is not None and n_new >= stop_after:
-                break
-            rec = evaluate_example(ctx, i, ex)
-            append_record(rec_path, rec)
-            done[ex.id] = rec
+        size = cfg.vllm.batch_size
+        with tqdm(total=len(todo), desc=f"{data.name}/{spec.label}", unit="ex", disable=not progress) as bar:
+            for start in range(0, len(todo), size):
+                for rec in evaluate_batch(ctx, todo[start : start + size]):
+                    append_record(rec_path, rec)
+                    done[rec["id"]] = rec
+                    bar.update(1)
     wanted = [ex.id for _, ex in iter_limited(data, limit)]
     records = [done[i] for i in wanted if i in done]
     summary = run_summary(data.name, spec, str(model_path), records, expected=len(wanted))

@@ -194,9 +194,12 @@ def routed_experts(llm: Any) -> Iterator[list[tuple[int, np.ndarray, list[str]]]
                 lid = int(re.findall(r"layers\.(\d+)\.", name)[-1])
 
                 def capture(ids: torch.Tensor, lid: int = lid) -> None:
-                    rows = runner.req_indices.np[: ids.shape[0]].tolist()
-                    req_ids = runner.input_batch.req_ids
-                    records.append((lid, ids.detach().cpu().numpy().copy(), [req_ids[r] for r in rows]))
+                    n = ids.shape[0]
+                    if hasattr(runner, "req_indices"):  # V1: persistent-batch rows
+                        rows, owner = runner.req_indices.np[:n].tolist(), runner.input_batch.req_ids.__getitem__
+                    else:  # V2: state slots
+                        rows, owner = runner._ttadapt_table.rows[:n].tolist(), runner.req_states.index_to_req_id.get
+                    records.append((lid, ids.detach().cpu().numpy().copy(), [owner(r) for r in rows]))
 
                 module.router.set_capture_fn(capture)
                 hooked += 1

@@ -51,7 +51,7 @@ def _target(value: float) -> np.ndarray:
 
 def _run(cfg: SearchConfig, scorer: Quadratic, init: object = None, seed: tuple[int, ...] = (0,)) -> tuple:
     start = init if init is not None else state_for_layout(LAYOUT)
-    (state, trace), = search_many(None, [CONTEXT], [start], cfg, seeds=[seed], scorer=scorer)  # type: ignore[arg-type]
+    (state, trace), = search_many(None, [CONTEXT], [start], cfg, seeds=[seed], scorer=scorer)
     return state, trace
 
 
@@ -142,7 +142,7 @@ def test_short_context_is_skipped_without_scoring() -> None:
     scorer = Quadratic(_target(1.0), _target(1.0))
     init = state_for_layout(LAYOUT)
     cfg = SearchConfig(min_tokens=8)
-    (state, tr), = search_many(None, [list(range(9))], [init], cfg, scorer=scorer)  # type: ignore[arg-type]
+    (state, tr), = search_many(None, [list(range(9))], [init], cfg, scorer=scorer)
     assert tr.skipped is not None and "min_tokens" in tr.skipped and not tr.rounds
     assert scorer.calls == [] and not state.delta.any()
 

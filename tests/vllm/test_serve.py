@@ -124,22 +124,19 @@ def handle(hf_model: Any) -> Any:
     return ttadapt.get_handle(hf_model) or ttadapt.patch(hf_model)
 
 
-@pytest.fixture(scope="module")
-def server(vt: Any, handle: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    d = tmp_path_factory.mktemp("serve")
-    state = vt.random_state(handle, seed=31)
-    state.save(d / "rand.safetensors")
-    (d / "chat.jinja").write_text(CHAT_TEMPLATE)
+def launch(model: str, d: Path, *args: str, state: Any = None) -> Iterator[Server]:
+    """Run ``ttadapt serve --model model *args`` (plus the test engine's vLLM options) until closed.
+
+    Shared with test_serve_search.py (``from tests.vllm.test_serve import launch``)."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     env.update(OMP_NUM_THREADS="1", VLLM_CPU_KVCACHE_SPACE=env.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                VLLM_CPU_OMP_THREADS_BIND="nobind", TOKENIZERS_PARALLELISM="false")
     cmd = [
-        sys.executable, "-m", "ttadapt.cli", "serve", "--model", vt.model_path(), "--host", "127.0.0.1",
-        "--port", str(port), "--state", f"rand={d / 'rand.safetensors'}",
+        sys.executable, "-m", "ttadapt.cli", "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port),
+        *args,
         # passed through to vLLM:
-        "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "8", "--seed", "0",
-        "--chat-template", str(d / "chat.jinja"), "--api-key", API_KEY,
+        "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "8", "--seed", "0", "--api-key", API_KEY,
     ]
     log = d / "server.log"
     with open(log, "w") as fh:
@@ -147,9 +144,19 @@ def server(vt: Any, handle: Any, tmp_path_factory: pytest.TempPathFactory) -> It
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_ready(proc, url, log)
-        yield Server(url=url, model=vt.model_path(), state=state, log=log)
+        yield Server(url=url, model=model, state=state, log=log)
     finally:
         _kill(proc)
+
+
+@pytest.fixture(scope="module")
+def server(vt: Any, handle: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    d = tmp_path_factory.mktemp("serve")
+    state = vt.random_state(handle, seed=31)
+    state.save(d / "rand.safetensors")
+    (d / "chat.jinja").write_text(CHAT_TEMPLATE)
+    args = ["--state", f"rand={d / 'rand.safetensors'}", "--chat-template", str(d / "chat.jinja")]
+    yield from launch(vt.model_path(), d, *args, state=state)
 
 
 def _config(fields: dict[str, Any]) -> ttadapt.RerouteConfig:
@@ -257,6 +264,19 @@ def test_reroute_samples_share_the_prefill_state(server: Server, vt: Any) -> Non
     assert [c["token_ids"] for c in again["choices"]] == [c["token_ids"] for c in obj["choices"]]  # seeded
 
 
+def test_an_hf_server_also_adapts_with_the_search_on_request(server: Server, vt: Any) -> None:
+    search = {"rounds": 2, "candidates": 3, "min_tokens": 1, "guard": False}
+    obj = server.complete(vt.PROMPTS[2], ttadapt={"reroute": {"trainer": "search", "interval": None, "search": search}})
+    summary = obj["ttadapt"]
+    assert summary["trainer"] == "search" and summary["mode"] == "prefill"
+    (record,) = summary["rounds"]
+    assert record["position"] == len(vt.PROMPTS[2]) and record["skipped"] is None
+    assert record["requests"] == 6 and record["val_nll"] is None  # 2 rounds x 3 candidates; no guard
+    assert record["fit_nll"][1] <= record["fit_nll"][0]
+    hf = server.complete(vt.PROMPTS[2], ttadapt={"reroute": dict(REROUTE, interval=None)})["ttadapt"]
+    assert hf["trainer"] == "hf" and "kept_step" in hf["rounds"][0]  # the server's default stays the HF copy
+
+
 def test_chat_reroute_adapts_on_the_rendered_prompt(server: Server, hf_model: Any) -> None:
     text = "def fibonacci(n):"
     status, chat, _ = server.post("/v1/chat/completions", {  # interval 4 asked, chat is prefill-only
@@ -279,6 +299,10 @@ BAD = {
     "bad reroute field": ({"ttadapt": {"reroute": {"stepz": 2}}}, "unknown 'ttadapt.reroute' fields ['stepz']"),
     "bad reroute value": ({"ttadapt": {"reroute": {"kv_policy": "keep"}}}, "RerouteConfig.kv_policy='keep'"),
     "too many steps": ({"ttadapt": {"reroute": {"steps": 500}}}, "exceeds this server's limit"),
+    "unknown trainer": ({"ttadapt": {"reroute": {"trainer": "sgd"}}}, "'ttadapt.reroute.trainer' must be one of"),
+    "search knobs for hf": ({"ttadapt": {"reroute": {"search": {"rounds": 1}}}}, "configures the search trainer"),
+    "search layer": ({"ttadapt": {"reroute": {"trainer": "search", "search": {"layers": [9]}}}},
+                     "[9] are not MoE layers of this model"),
     "two prompts": ({"prompt": ["a", "b"], "ttadapt": {"reroute": "default"}}, "send one request per prompt"),
     "field and xargs": ({"ttadapt": {"state": "rand"}, "vllm_xargs": {"ttadapt": [1, 1, 16, 0, -1] + [0.0] * 16}},
                         "send one of them"),

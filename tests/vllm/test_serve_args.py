@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +15,8 @@ from ttadapt.state import RouterState
 from ttadapt.vllm.http_schema import RequestError, RequestSpec, parse_request
 from ttadapt.vllm.payload import Layout, Steer, decode
 from ttadapt.vllm.runtime import ServeConfig, ServerRuntime
+from ttadapt.vllm.search import SearchConfig
+from ttadapt.vllm.trainers import AdaptJob
 from ttadapt.vllm.serve import parse_args
 
 LAYOUT = Layout(layer_ids=(1, 2, 4), num_experts=8)
@@ -40,6 +43,13 @@ def test_serve_args_split_and_defaults(tmp_path) -> None:
     assert ServeConfig.from_json(config.to_json()) == config
 
 
+def test_serve_trainer_choices() -> None:
+    assert parse_args(["--model", "m"])[0].trainer == "hf"
+    assert parse_args(["--model", "m", "--trainer", "search"])[0].trainer == "search"
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m", "--trainer", "adam"])
+
+
 def test_serve_respects_an_explicit_eager_choice() -> None:
     _, vargs = parse_args(["--model", "m", "--no-enforce-eager", "--host", "0.0.0.0"])
     assert "--enforce-eager" not in vargs and "--no-enforce-eager" in vargs
@@ -58,7 +68,7 @@ def test_serve_rejects_bad_state_specs(spec: str, message: str) -> None:
 # ------------------------------------------------------------------------------------ request schema
 def _parse(field: object, **kw: object) -> RequestSpec:
     kw.setdefault("states", ("code",))
-    kw.setdefault("trainer", True)
+    kw.setdefault("trainers", ("hf", "search"))
     return parse_request({"ttadapt": field}, **kw)  # type: ignore[arg-type]
 
 
@@ -72,6 +82,16 @@ def test_schema_accepts_the_documented_forms() -> None:
     two = _parse({"steer": [{"promote": 1, "layers": [2]}, {"suppress": [3], "hard": True}]}).steers
     assert two == (Steer(promote=1, layers=(2,)), Steer(suppress=(3,), hard=True))
     assert _parse({"reroute": {"interval": None, "layers": [1, 2], "selection": "explicit"}}).reroute.layers == (1, 2)
+
+
+def test_schema_picks_the_trainer_and_its_search_knobs() -> None:
+    hf = _parse({"reroute": "fast"})
+    assert (hf.trainer, hf.search) == ("hf", None)  # the server's default trainer, no search knobs
+    spec = _parse({"reroute": {"trainer": "search", "interval": 4, "search": {"rounds": 2, "layers": [1, 4]}}})
+    assert spec.trainer == "search" and spec.reroute.interval == 4
+    assert spec.search == SearchConfig(rounds=2, layers=(1, 4))
+    default = _parse({"reroute": "default"}, trainers=("search",))  # a --trainer search server
+    assert (default.trainer, default.search) == ("search", SearchConfig())
 
 
 BAD_FIELDS = {
@@ -94,6 +114,20 @@ BAD_FIELDS = {
     "reroute value": ({"reroute": {"selection": "best"}}, "RerouteConfig.selection='best'"),
     "reroute range": ({"reroute": {"lr": -1}}, "lr must be a positive"),
     "too many steps": ({"reroute": {"steps": 100}}, "exceeds this server's limit of 16"),
+    "unknown trainer": ({"reroute": {"trainer": "adam"}}, r"reroute.trainer' must be one of \['hf', 'search'\]"),
+    "search knobs for hf": ({"reroute": {"search": {"rounds": 1}}}, "configures the search trainer, but this request "
+                            "uses 'hf'"),
+    "search type": ({"reroute": {"trainer": "search", "search": 2}}, "must be an object of SearchConfig fields"),
+    "search field": ({"reroute": {"trainer": "search", "search": {"round": 1}}},
+                     r"unknown 'ttadapt.reroute.search' fields \['round'\]"),
+    "search field type": ({"reroute": {"trainer": "search", "search": {"rounds": 1.5}}},
+                          "'ttadapt.reroute.search.rounds' must be an integer"),
+    "search value": ({"reroute": {"trainer": "search", "search": {"candidates": 1}}},
+                     "SearchConfig.candidates must be an int >= 2"),
+    "too many rounds": ({"reroute": {"trainer": "search", "search": {"rounds": 17}}},
+                        "'ttadapt.reroute.search.rounds' = 17 exceeds this server's limit of 16"),
+    "too many candidates": ({"reroute": {"trainer": "search", "search": {"candidates": 65}}},
+                            "'ttadapt.reroute.search.candidates' = 65 exceeds the limit of 64"),
 }
 
 
@@ -106,20 +140,23 @@ def test_schema_rejects_with_the_fix(name: str) -> None:
     assert info.value.param.startswith("ttadapt")
 
 
-def test_schema_reroute_needs_the_trainer_and_one_payload_source() -> None:
+def test_schema_reroute_needs_a_trainer_and_one_payload_source() -> None:
     with pytest.raises(RequestError, match="started with --trainer none; restart it with `ttadapt serve --trainer hf`"):
-        _parse({"reroute": "default"}, trainer=False)
+        _parse({"reroute": "default"}, trainers=())
+    with pytest.raises(RequestError, match="'hf' needs the server's HF copy of the model, but this server was started "
+                       "with --trainer search"):
+        _parse({"reroute": {"trainer": "hf"}}, trainers=("search",))
     with pytest.raises(RequestError, match="send one of them"):
         parse_request({"ttadapt": {"state": "code"}, "vllm_xargs": {"ttadapt": [1, 1, 8, 0, -1] + [0.0] * 8}},
                       states=("code",))
 
 
 # ------------------------------------------------------------------------------------ request state
-def _runtime() -> ServerRuntime:
+def _runtime(trainer: str = "none") -> ServerRuntime:
     g = torch.Generator().manual_seed(0)
     code = RouterState(layer_ids=(1, 2, 4), num_experts=8, delta=torch.randn(3, 8, generator=g),
                        steer=torch.zeros(3, 8), force=torch.zeros(3, 8, dtype=torch.int8))
-    return ServerRuntime(ServeConfig(model="m", trainer="none"), LAYOUT, {"code": code}, None, None)
+    return ServerRuntime(ServeConfig(model="m", trainer=trainer), LAYOUT, {"code": code}, None, None)
 
 
 def test_runtime_builds_the_payload_of_state_plus_steer() -> None:
@@ -153,5 +190,43 @@ def test_runtime_rejects_steering_the_model_cannot_take(steer: dict, message: st
     rt = _runtime()
     with pytest.raises(RequestError, match=message):
         rt.payload(rt.base_state(_parse({"steer": steer})))
-    with pytest.raises(RequestError, match="restart with `ttadapt serve --trainer hf`"):
-        rt.rerouter(RerouteConfig.preset("default"))
+    with pytest.raises(RequestError, match="restart with `ttadapt serve --trainer hf` or `--trainer search`"):
+        spec = RequestSpec(reroute=RerouteConfig.preset("default"), trainer="hf")
+        rt.chunk_trainer(spec, rt.base_state(RequestSpec()))
+
+
+def test_search_runtime_loads_no_hf_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers
+
+    from ttadapt.demo import embedded_model_path
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("--trainer search loaded the HF weights")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    rt = ServerRuntime.load(ServeConfig(model=str(embedded_model_path()), trainer="search"))
+    assert rt.hf_model is None and rt.trainers == ("search",)
+    assert rt.layout == Layout(layer_ids=(0, 1, 2, 3, 4, 5), num_experts=16)
+
+
+def test_search_runtime_offers_the_search_only_and_starts_it_from_the_request_state() -> None:
+    rt = _runtime("search")
+    assert rt.trainers == ("search",) and _runtime("none").trainers == ()
+    spec = _parse({"state": "code", "steer": {"promote": [5], "bias": 3.0}, "reroute": "default"}, trainers=rt.trainers)
+    base = rt.base_state(spec)
+    scored: list[list[float | int]] = []
+
+    def scorer(contexts: list[list[int]], payloads: list[list[float | int]]) -> list[np.ndarray]:
+        scored.extend(payloads)
+        return [np.zeros(len(c) - 1) for c in contexts]  # flat: "no change" wins every round
+
+    trainer = rt.chunk_trainer(spec, base, scorer)
+    (state,) = trainer.adapt([AdaptJob(seq=0, context=list(range(40)), prompt_len=40, chunk=0)])
+    assert len(scored) == SearchConfig().candidates * SearchConfig().rounds
+    assert scored[0] == rt.payload(base)  # candidate 0 of round 0: the named state + steering, unchanged
+    assert state.content_hash() == base.content_hash()
+    record = rt.record(trainer, (0, 0), state)
+    assert record["kept_round"] == 0 and record["requests"] == len(scored) and record["position"] == 40
+    bad = _parse({"reroute": {"search": {"layers": [3]}}}, trainers=rt.trainers)
+    with pytest.raises(RequestError, match=r"search.layers' \[3\] are not MoE layers of this model"):
+        rt.chunk_trainer(bad, rt.base_state(bad), scorer)

@@ -1,4 +1,4 @@
-"""ttadapt's vLLM integration (extra ``ttadapt[vllm]``; vLLM 0.32-0.33, V1 model runner).
+"""ttadapt's vLLM integration (extra ``ttadapt[vllm]``; vLLM 0.32-0.33, V1 and V2 model runners).
 
 ``import ttadapt`` never imports this package, and importing it does not import vLLM: the wire
 format (:mod:`ttadapt.vllm.payload`) is pure Python. The plugin, logits processor and helpers that

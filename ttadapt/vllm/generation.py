@@ -1,9 +1,10 @@
 """``ttadapt.vllm.generate``: online rerouting with vLLM decoding, adapted between chunks by a trainer.
 
 vLLM cannot run gradients (inference mode, custom ops without autograd), and a request's vector is
-fixed for its lifetime. So generation runs in chunks: before each chunk, every unfinished sequence is
-adapted on its context (prompt + tokens so far), then vLLM decodes the next ``interval`` tokens of all
-sequences in one batch, each request carrying its own vector. The trainer
+fixed for its lifetime. So generation runs in chunks (:mod:`ttadapt.vllm.chunks`, the loop that
+``ttadapt serve`` runs too): before each chunk, every unfinished sequence is adapted on its context
+(prompt + tokens so far), then vLLM decodes the next ``interval`` tokens of all sequences in one
+batch, each request carrying its own vector. The trainer
 (:mod:`ttadapt.vllm.trainers`) is either an HF copy of the model (``trainer="hf"``:
 ``ttadapt.Rerouter(...).adapt``, gradient steps) or the engine itself (``trainer="search"``: a
 gradient-free search scored by batched prompt log-probs, no second copy of the weights). With ``n``
@@ -26,9 +27,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from ttadapt.config import RerouteConfig
+from ttadapt.vllm.chunks import ChunkLoop, ChunkRequest, Decoded, run_chunks
+from ttadapt.vllm.payload import AUTO_SALT_KEY
 from ttadapt.vllm.sampling import prompt as make_prompt
 from ttadapt.vllm.sampling import sampling_params as make_sampling_params
-from ttadapt.vllm.trainers import AdaptJob, ChunkTrainer, HFTrainer, SearchTrainer
+from ttadapt.vllm.trainers import ChunkTrainer, HFTrainer, SearchTrainer
 
 if TYPE_CHECKING:
     from torch import nn
@@ -37,7 +40,7 @@ if TYPE_CHECKING:
     from ttadapt.state import RouterState
     from ttadapt.vllm.search import SearchConfig
 
-__all__ = ["VLLMGeneration", "chunk_min_tokens", "chunk_seed", "continues", "generate", "make_trainer"]
+__all__ = ["VLLMGeneration", "generate", "make_trainer"]
 
 
 @dataclass
@@ -115,83 +118,42 @@ def generate(
     min_tokens = int(sp_kwargs.pop("min_tokens", 0) or 0)
     if tokenizer is None and any(isinstance(p, str) for p in prompts):
         tokenizer = llm.get_tokenizer()
-    prompt_ids = [_ids(p, tokenizer) for p in prompts]
-    results = [
-        VLLMGeneration(prompt_token_ids=ids, prompt_index=i, sample_index=j)
-        for i, ids in enumerate(prompt_ids) for j in range(n)
-    ]
-    # The trainer keeps one warm-start slot per sequence (seq = result index); the n samples of a prompt
-    # start from forks of the prompt's slot after its prefill round.
-    salts = [f"ttadapt-seq:{uuid.uuid4().hex}" for _ in prompt_ids] if cfg.kv_policy == "stale" else None
-    chunked = adapter.adapts and cfg.interval is not None
-
-    def request(
-        ctx: list[int], state: RouterState, p_idx: int, done: int, k: int, s: int | None
-    ) -> tuple[dict[str, Any], Any]:
-        """Prompt and SamplingParams of the next chunk of a context (``k`` samples, seed ``s``)."""
-        chunk = min(cfg.interval, max_tokens - done) if chunked else max_tokens - done
-        kw = dict(sp_kwargs, max_tokens=chunk, n=k, seed=s, min_tokens=chunk_min_tokens(min_tokens, done, chunk))
-        if salts is not None:
-            p = make_prompt(ctx, cache_salt=salts[p_idx])
-            return p, make_sampling_params(state, extra_args={"ttadapt_auto_salt": 0}, **kw)
-        return make_prompt(ctx, state), make_sampling_params(state, **kw)
-
-    # First chunk: one adaptation and one request with n samples per prompt.
-    first = adapter.adapt(
-        [AdaptJob(seq=i * n, context=ids, prompt_len=len(ids), chunk=0) for i, ids in enumerate(prompt_ids)]
+    loop = ChunkLoop(
+        [_ids(p, tokenizer) for p in prompts], n=n, max_tokens=max_tokens,
+        interval=cfg.interval if adapter.adapts else None, min_tokens=min_tokens, seed=seed,
     )
-    inputs, params = [], []
-    for i, (ids, state) in enumerate(zip(prompt_ids, first)):
-        kept = state.to("cpu") if keep_states else None
-        for j in range(n):
-            r = results[i * n + j]
-            if j > 0:
-                adapter.fork(i * n, i * n + j)
-            if kept is not None:
-                r.states.append(kept)
-            r.chunks = 1
-        p, sp = request(ids, state, i, 0, n, seed)
-        inputs.append(p)
-        params.append(sp)
-    outs = llm.generate(inputs, params, use_tqdm=False)
-    got = [0] * len(results)  # tokens of each sequence's last chunk
-    for i, out in enumerate(outs):
-        samples = sorted(out.outputs, key=lambda o: o.index)
-        for j, o in enumerate(samples):
-            got[i * n + j] = _extend(results[i * n + j], o)
+    salts = [f"ttadapt-seq:{uuid.uuid4().hex}" for _ in loop.prompts] if cfg.kv_policy == "stale" else None
+    states: list[list[RouterState]] = [[] for _ in loop.seqs]
 
-    def still(k: int) -> bool:
-        return continues(results[k].finish_reason, len(results[k].token_ids), max_tokens, got[k])
-
-    active = [k for k in range(len(results)) if still(k)]
-    chunk_no = 1
-    while active:
-        jobs = [
-            AdaptJob(seq=k, context=results[k].prompt_token_ids + results[k].token_ids,
-                     prompt_len=len(results[k].prompt_token_ids), chunk=chunk_no)
-            for k in active
-        ]
-        states = adapter.adapt(jobs)
+    def decode(reqs: list[ChunkRequest]) -> list[list[Decoded]]:
+        """All chunk requests of a round in one ``llm.generate`` call (each with its vector and salt)."""
         inputs, params = [], []
-        for k, job, state in zip(active, jobs, states):
-            r = results[k]
-            ctx = job.context
+        for req in reqs:
             if keep_states:
-                r.states.append(state.to("cpu"))
-            r.chunks += 1
-            s = chunk_seed(seed, chunk_no, n, r.sample_index)
-            p, sp = request(ctx, state, r.prompt_index, len(r.token_ids), 1, s)
-            inputs.append(p)
-            params.append(sp)
+                kept = req.state.to("cpu")  # one object for the samples that share it
+                for k in req.seqs:
+                    states[k].append(kept)
+            kw = dict(sp_kwargs, max_tokens=req.max_tokens, n=len(req.seqs), seed=req.seed,
+                      min_tokens=req.min_tokens)
+            if salts is not None:
+                inputs.append(make_prompt(req.context, cache_salt=salts[req.prompt_index]))
+                params.append(make_sampling_params(req.state, extra_args={AUTO_SALT_KEY: 0}, **kw))
+            else:
+                inputs.append(make_prompt(req.context, req.state))
+                params.append(make_sampling_params(req.state, **kw))
         outs = llm.generate(inputs, params, use_tqdm=False)
-        for k, out in zip(active, outs):
-            got[k] = _extend(results[k], out.outputs[0])
-        active = [k for k in active if still(k)]
-        chunk_no += 1
-    if tokenizer is not None:
-        for r in results:
-            r.text = tokenizer.decode(r.token_ids)
-    return results
+        samples = [sorted(out.outputs, key=lambda o: o.index) for out in outs]
+        return [[Decoded([int(t) for t in o.token_ids], o.finish_reason) for o in group] for group in samples]
+
+    run_chunks(loop, adapter.adapt, adapter.fork, decode)
+    return [
+        VLLMGeneration(
+            prompt_token_ids=loop.prompts[s.prompt_index], token_ids=s.tokens, finish_reason=s.finish_reason,
+            text=None if tokenizer is None else tokenizer.decode(s.tokens), states=states[k], chunks=s.chunks,
+            prompt_index=s.prompt_index, sample_index=s.sample_index,
+        )
+        for k, s in enumerate(loop.seqs)
+    ]
 
 
 def make_trainer(
@@ -225,28 +187,6 @@ def make_trainer(
             raise TypeError(f"search= must be a ttadapt.vllm.SearchConfig, got {type(search).__name__}")
         return SearchTrainer(llm, search or SearchConfig())
     raise ValueError(f"trainer must be 'hf', 'search' or a ChunkTrainer, got {trainer!r}")
-
-
-def chunk_seed(seed: int | None, chunk: int, n: int, sample: int) -> int | None:
-    """Seed of chunk ``chunk`` (0 = first) of sample ``sample`` of ``n``; chunk 0 is vLLM's own ``seed + sample``."""
-    return None if seed is None else seed + chunk * n + sample
-
-
-def chunk_min_tokens(min_tokens: int, done: int, chunk: int) -> int:
-    """``min_tokens`` of a chunk of length ``chunk`` after ``done`` tokens (the minimum counts over all chunks)."""
-    return max(0, min(chunk, min_tokens - done))
-
-
-def continues(finish_reason: str | None, produced: int, max_tokens: int, last_got: int) -> bool:
-    """Whether a sequence gets another chunk: its last chunk ran out of length, not tokens or a stop."""
-    return finish_reason == "length" and produced < max_tokens and last_got > 0
-
-
-def _extend(r: VLLMGeneration, o: Any) -> int:
-    new = [int(t) for t in o.token_ids]
-    r.token_ids.extend(new)
-    r.finish_reason = o.finish_reason
-    return len(new)
 
 
 def _ids(p: str | Sequence[int], tokenizer: Any) -> list[int]:

@@ -8,6 +8,9 @@ A request body to ``/v1/completions`` or ``/v1/chat/completions`` may carry::
         "reroute": {"preset": "default", "steps": 2}        # or a preset name; adapt on the prompt
     }
 
+``reroute`` may also pick the trainer (``"trainer": "hf" | "search"``, default: the server's) and,
+for the search, its knobs (``"search": {"rounds": 2, ...}``, :class:`ttadapt.vllm.SearchConfig` fields).
+
 :func:`parse_request` turns it into a :class:`RequestSpec` or raises :class:`RequestError`, whose
 message names the fix (the server answers it with HTTP 400). Checks that need the served model
 (layer ids, expert ids, |bias|) happen when the server builds the state (``ttadapt.vllm.runtime``).
@@ -19,20 +22,28 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ttadapt.config import PRESETS, RerouteConfig
 from ttadapt.vllm.payload import PAYLOAD_KEY, Steer
+from ttadapt.vllm.search import SearchConfig
 
-__all__ = ["FIELD", "KNOWN_KEYS", "REROUTE_FIELDS", "STEER_FIELDS", "RequestError", "RequestSpec", "parse_request"]
+__all__ = [
+    "FIELD", "KNOWN_KEYS", "MAX_SEARCH_CANDIDATES", "REROUTE_FIELDS", "SEARCH_FIELDS", "STEER_FIELDS", "TRAINERS",
+    "RequestError", "RequestSpec", "parse_request",
+]
 
 FIELD = "ttadapt"
 """Top-level key of the request body read by the server middleware."""
 KNOWN_KEYS = ("state", "steer", "reroute")
 STEER_FIELDS = ("promote", "suppress", "layers", "bias", "hard")
 REROUTE_FIELDS = tuple(f.name for f in dataclasses.fields(RerouteConfig) if f.name != "name")
+SEARCH_FIELDS = tuple(f.name for f in dataclasses.fields(SearchConfig))
+TRAINERS = ("hf", "search")
+MAX_SEARCH_CANDIDATES = 64
+"""Most ``reroute.search.candidates`` a request may ask for (each is one prompt forward per round)."""
 _SCHEMA_HINT = 'e.g. {"ttadapt": {"state": "NAME", "steer": {"promote": [5], "bias": 4.0}, "reroute": "default"}}'
 
 
@@ -48,26 +59,33 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True)
 class RequestSpec:
-    """What one request asks for: a registered state, steering specs and/or rerouting on its prompt."""
+    """What one request asks for: a registered state, steering specs and/or rerouting on its prompt.
+
+    With ``reroute``, ``trainer`` names who adapts (``"hf"``/``"search"``) and ``search`` holds the
+    search's knobs (``trainer == "search"`` only).
+    """
 
     state: str | None = None
     steers: tuple[Steer, ...] = ()
     reroute: RerouteConfig | None = None
+    trainer: str | None = None
+    search: SearchConfig | None = None
 
 
 def parse_request(
     body: Mapping[str, Any],
     *,
     states: Collection[str] = (),
-    trainer: bool = False,
+    trainers: Sequence[str] = (),
     max_steps: int | None = None,
 ) -> RequestSpec:
     """Parse ``body["ttadapt"]`` (the whole request body is given to check ``vllm_xargs`` too).
 
     Args:
         states: names registered at server start (``--state NAME=FILE``).
-        trainer: whether the server holds an HF trainer (``--trainer hf``); ``reroute`` needs one.
-        max_steps: the server's cap on ``reroute.steps`` (None: no cap).
+        trainers: the trainers the server offers for ``reroute``, its default first (``--trainer hf``:
+            ``("hf", "search")``; ``--trainer search``: ``("search",)``; ``--trainer none``: none).
+        max_steps: the server's cap on ``reroute.steps`` and ``reroute.search.rounds`` (None: no cap).
     """
     raw = body.get(FIELD)
     if not isinstance(raw, Mapping):
@@ -86,10 +104,13 @@ def parse_request(
             f"'{FIELD}' field is turned into vllm_xargs['{PAYLOAD_KEY}'] by the server)",
             param="vllm_xargs",
         )
+    reroute, trainer, search = _parse_reroute(raw.get("reroute"), trainers=trainers, max_steps=max_steps)
     return RequestSpec(
         state=_parse_state(raw.get("state"), states),
         steers=_parse_steers(raw.get("steer")),
-        reroute=_parse_reroute(raw.get("reroute"), trainer=trainer, max_steps=max_steps),
+        reroute=reroute,
+        trainer=trainer,
+        search=search,
     )
 
 
@@ -159,14 +180,16 @@ def _int_or_ints(x: Any, param: str, what: str) -> int | tuple[int, ...]:
 
 
 # ------------------------------------------------------------------------------------------ reroute
-def _parse_reroute(raw: Any, *, trainer: bool, max_steps: int | None) -> RerouteConfig | None:
+def _parse_reroute(
+    raw: Any, *, trainers: Sequence[str], max_steps: int | None
+) -> tuple[RerouteConfig | None, str | None, SearchConfig | None]:
     if raw is None or raw is False:
-        return None
+        return None, None, None
     param = f"{FIELD}.reroute"
-    if not trainer:
+    if not trainers:
         raise RequestError(
-            f"'{param}' needs the server's HF trainer, but this server was started with --trainer none; "
-            "restart it with `ttadapt serve --trainer hf` (the default), or send a fixed state/steer instead",
+            f"'{param}' needs a trainer, but this server was started with --trainer none; restart it with "
+            "`ttadapt serve --trainer hf` (the default) or `--trainer search`, or send a fixed state/steer instead",
             param,
         )
     if raw is True:
@@ -182,17 +205,19 @@ def _parse_reroute(raw: Any, *, trainer: bool, max_steps: int | None) -> Reroute
         )
     fields = dict(raw)
     preset = fields.pop("preset", "default")
+    trainer = _parse_trainer(fields.pop("trainer", None), trainers)
+    search = _parse_search(fields.pop("search", None), trainer, max_steps)
     if preset not in PRESETS:
         raise RequestError(f"unknown reroute preset {preset!r}; presets are {sorted(PRESETS)}", f"{param}.preset")
     unknown = sorted(set(fields) - set(REROUTE_FIELDS))
     if unknown:
         raise RequestError(
-            f"unknown '{param}' fields {unknown}; known fields are 'preset' and the RerouteConfig fields "
-            f"{list(REROUTE_FIELDS)}",
+            f"unknown '{param}' fields {unknown}; known fields are 'preset', 'trainer', 'search' and the "
+            f"RerouteConfig fields {list(REROUTE_FIELDS)}",
             param,
         )
     for key, value in fields.items():
-        _check_type(key, value, f"{param}.{key}")
+        _check_type(_HINTS, key, value, f"{param}.{key}")
     if isinstance(fields.get("layers"), list):
         fields["layers"] = tuple(fields["layers"])
     try:
@@ -205,15 +230,76 @@ def _parse_reroute(raw: Any, *, trainer: bool, max_steps: int | None) -> Reroute
             "(ask for fewer steps, or restart with a larger `ttadapt serve --max-reroute-steps`)",
             f"{param}.steps",
         )
+    return cfg, trainer, search
+
+
+def _parse_trainer(raw: Any, trainers: Sequence[str]) -> str:
+    param = f"{FIELD}.reroute.trainer"
+    if raw is None:
+        return trainers[0]
+    if raw not in TRAINERS:
+        raise RequestError(f"'{param}' must be one of {list(TRAINERS)}, got {_kind(raw)}", param)
+    if raw not in trainers:
+        raise RequestError(
+            f"'{param}' = {raw!r} needs the server's HF copy of the model, but this server was started with "
+            f"--trainer {trainers[0]}; use {list(trainers)} or restart with `ttadapt serve --trainer hf`",
+            param,
+        )
+    return str(raw)
+
+
+def _parse_search(raw: Any, trainer: str, max_steps: int | None) -> SearchConfig | None:
+    param = f"{FIELD}.reroute.search"
+    if trainer != "search":
+        if raw is not None:
+            raise RequestError(
+                f"'{param}' configures the search trainer, but this request uses {trainer!r}; "
+                f'add "trainer": "search" to \'{FIELD}.reroute\' or drop it',
+                param,
+            )
+        return None
+    if raw is None:
+        return SearchConfig()
+    if not isinstance(raw, Mapping):
+        raise RequestError(
+            f"'{param}' must be an object of SearchConfig fields {list(SEARCH_FIELDS)}, got {_kind(raw)}; "
+            'e.g. {"rounds": 2, "candidates": 8}',
+            param,
+        )
+    unknown = sorted(set(raw) - set(SEARCH_FIELDS))
+    if unknown:
+        raise RequestError(f"unknown '{param}' fields {unknown}; known fields are {list(SEARCH_FIELDS)}", param)
+    fields = dict(raw)
+    for key, value in fields.items():
+        _check_type(_SEARCH_HINTS, key, value, f"{param}.{key}")
+    if isinstance(fields.get("layers"), list):
+        fields["layers"] = tuple(fields["layers"])
+    try:
+        cfg = SearchConfig(**fields)
+    except (TypeError, ValueError) as exc:
+        raise RequestError(f"bad '{param}': {exc}", param) from None
+    if max_steps is not None and cfg.rounds > max_steps:
+        raise RequestError(
+            f"'{param}.rounds' = {cfg.rounds} exceeds this server's limit of {max_steps} "
+            "(ask for fewer rounds, or restart with a larger `ttadapt serve --max-reroute-steps`)",
+            f"{param}.rounds",
+        )
+    if cfg.candidates > MAX_SEARCH_CANDIDATES:
+        raise RequestError(
+            f"'{param}.candidates' = {cfg.candidates} exceeds the limit of {MAX_SEARCH_CANDIDATES} "
+            "(each candidate is one prompt forward per round)",
+            f"{param}.candidates",
+        )
     return cfg
 
 
 _HINTS = typing.get_type_hints(RerouteConfig)
+_SEARCH_HINTS = typing.get_type_hints(SearchConfig)
 
 
-def _check_type(key: str, value: Any, param: str) -> None:
-    """JSON type of one RerouteConfig field (values are checked by RerouteConfig itself)."""
-    allowed = _HINTS[key]
+def _check_type(hints: Mapping[str, Any], key: str, value: Any, param: str) -> None:
+    """JSON type of one config field (values are checked by the config class itself)."""
+    allowed = hints[key]
     union = isinstance(allowed, types.UnionType) or typing.get_origin(allowed) is typing.Union
     options = typing.get_args(allowed) if union else (allowed,)
     for opt in options:
@@ -226,7 +312,7 @@ def _check_type(key: str, value: Any, param: str) -> None:
         if opt is float and _is_number(value):
             return
         if typing.get_origin(opt) is typing.Literal and isinstance(value, str):
-            return  # RerouteConfig names the valid choices
+            return  # the config class names the valid choices
         if typing.get_origin(opt) is tuple and isinstance(value, list) and all(_is_int(v) for v in value):
             return
     want = " or ".join(_type_name(o) for o in options)

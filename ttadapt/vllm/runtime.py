@@ -1,47 +1,53 @@
 """What ``ttadapt serve`` holds in its API process: the served model's MoE layout, the registered router
-states and (``--trainer hf``) an HF copy of the model that adapts router states on request prompts.
+states and the trainers that adapt router states on request prompts (``reroute``).
 
-vLLM cannot compute gradients, so rerouting a request means adapting with transformers in the API
-process (``ttadapt.Rerouter(hf_model, cfg).adapt(prompt_ids)``) and sending the resulting vector to
-the engine as the request's payload. Adaptation runs on one worker thread: the HF model carries one
-patch whose current state is global, so rounds never overlap.
+vLLM cannot compute gradients, so the ``hf`` trainer adapts with an HF copy of the model in the API
+process (:class:`ttadapt.vllm.trainers.HFTrainer`); its rounds run on one worker thread, since the HF
+model carries one patch whose current state is global. The ``search`` trainer
+(:class:`ttadapt.vllm.trainers.SearchTrainer`) needs no copy: it scores its candidates with the
+server's own async engine (:class:`EngineScorer`), from worker threads that wait on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import logging
+import math
 import os
 import threading
-from collections.abc import Mapping
+import uuid
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import torch
 
 from ttadapt.vllm.http_schema import FIELD, RequestError, RequestSpec
 from ttadapt.vllm.payload import Layout, PayloadError, decode, encode_state, merge_steer
+from ttadapt.vllm.scoring import _target_nll, scoring_request
+from ttadapt.vllm.search import state_for_layout
+from ttadapt.vllm.trainers import AdaptJob, ChunkTrainer, HFTrainer, SearchTrainer
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from ttadapt.config import RerouteConfig
-    from ttadapt.generation import Rerouter
     from ttadapt.handle import PatchHandle
     from ttadapt.state import RouterState
     from ttadapt.trace import RoundTrace
+    from ttadapt.vllm.search import Scorer, SearchTrace
 
-__all__ = ["CONFIG_ENV", "Adapted", "ServeConfig", "ServerRuntime", "current_runtime", "install_runtime"]
+__all__ = ["CONFIG_ENV", "EngineScorer", "ServeConfig", "ServerRuntime", "current_runtime", "install_runtime"]
 
 logger = logging.getLogger("vllm.ttadapt")
 
 CONFIG_ENV = "TTADAPT_SERVE_CONFIG"
 """Environment variable holding :class:`ServeConfig` as JSON (read by API processes that did not load it)."""
 
-Trainer = Literal["hf", "none"]
+Trainer = Literal["hf", "search", "none"]
+_SEARCH_THREADS = 8  # searches wait on the engine, not the CPU: several run at once and share its batches
 
 
 @dataclass(frozen=True)
@@ -64,54 +70,47 @@ class ServeConfig:
         return cls(**json.loads(text))
 
 
-@dataclass
-class Adapted:
-    """One adaptation round's result: the state sent to vLLM and a compact record for the response."""
-
-    state: RouterState
-    record: dict[str, Any]
-
-
 class ServerRuntime:
-    """Layout, registered states and trainer of one served model; builds each request's router state."""
+    """Layout, registered states and trainers of one served model; builds each request's router state."""
 
     def __init__(
         self,
         config: ServeConfig,
         layout: Layout,
         states: Mapping[str, RouterState],
-        trainer: nn.Module | None,
+        hf_model: nn.Module | None,
         handle: PatchHandle | None,
     ) -> None:
         self.config = config
         self.layout = layout
         self.states = dict(states)
-        self.trainer = trainer
+        self.hf_model = hf_model
         self.handle = handle
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ttadapt-trainer")
+        self._hf_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ttadapt-trainer")
+        self._search_pool = ThreadPoolExecutor(max_workers=_SEARCH_THREADS, thread_name_prefix="ttadapt-search")
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, config: ServeConfig) -> ServerRuntime:
-        """Load the trainer (``trainer="hf"``) and the states, each checked against the served model."""
+        """Load the HF copy (``trainer="hf"`` only) and the states, each checked against the served model."""
         from ttadapt.state import RouterState
 
-        trainer = handle = None
+        hf_model = handle = None
         if config.trainer == "hf":
-            trainer, handle = _load_trainer(config)
+            hf_model, handle = _load_hf_model(config)
             layout = Layout(layer_ids=tuple(handle.moe_layers), num_experts=handle.num_experts)
             info: Any = handle.info
-        elif config.trainer == "none":
+        elif config.trainer in ("search", "none"):
             info = _meta_info(config)
             layout = Layout(layer_ids=info.layer_ids, num_experts=info.num_experts)
         else:
-            raise ValueError(f"--trainer must be 'hf' or 'none', got {config.trainer!r}")
+            raise ValueError(f"--trainer must be 'hf', 'search' or 'none', got {config.trainer!r}")
         states: dict[str, RouterState] = {}
         for name, path in config.states.items():
             state = RouterState.load(path)
             try:
-                # With the trainer, the router-weight digest is checked too; without it, the structure only.
-                state.check_compatible(info, strict_weights=trainer is not None)
+                # With the HF copy, the router-weight digest is checked too; without it, the structure only.
+                state.check_compatible(info, strict_weights=hf_model is not None)
             except ValueError as exc:
                 raise ValueError(f"--state {name}={path}: {exc}") from None
             if state.batch_size is not None:
@@ -120,12 +119,22 @@ class ServerRuntime:
                     "save one row (state.row(i).save(...))"
                 )
             states[name] = state.to("cpu")
+        trainer = {
+            "hf": f"hf ({config.trainer_dtype} on {config.trainer_device}; search on request)",
+            "search": "search (the engine itself, no HF copy)",
+        }.get(config.trainer, "none")
         logger.info(
             "ttadapt serve: MoE layers %s, %d experts, trainer %s, states %s",
-            list(layout.layer_ids), layout.num_experts,
-            "none" if trainer is None else f"hf ({config.trainer_dtype} on {config.trainer_device})", sorted(states),
+            list(layout.layer_ids), layout.num_experts, trainer, sorted(states),
         )
-        return cls(config, layout, states, trainer, handle)
+        return cls(config, layout, states, hf_model, handle)
+
+    @property
+    def trainers(self) -> tuple[str, ...]:
+        """The trainers ``reroute`` may use, the default first (the search needs only the engine)."""
+        if self.hf_model is not None:
+            return ("hf", "search")
+        return ("search",) if self.config.trainer == "search" else ()
 
     # ------------------------------------------------------------------ states
     def base_state(self, spec: RequestSpec) -> RouterState:
@@ -133,7 +142,7 @@ class ServerRuntime:
 
         With ``reroute``, the named state's ``delta`` is folded into ``steer`` (same payload: vLLM gets
         their sum), so adaptation learns a fresh ``delta`` on top of the whole named vector instead of
-        dropping it (``Rerouter`` keeps the loaded steering and starts ``delta`` from zero).
+        dropping it (both trainers keep the start's steering and learn ``delta`` from zero).
         """
         state = self.states[spec.state].clone() if spec.state is not None else self._zeros()
         if spec.reroute is not None and spec.state is not None:
@@ -159,48 +168,73 @@ class ServerRuntime:
         return values
 
     def _zeros(self) -> RouterState:
-        from ttadapt.state import RouterState
-
-        if self.handle is not None:
-            return self.handle.new_state().to("cpu")
-        L, E = len(self.layout.layer_ids), self.layout.num_experts
-        return RouterState(
-            layer_ids=self.layout.layer_ids, num_experts=E, delta=torch.zeros(L, E),
-            steer=torch.zeros(L, E), force=torch.zeros(L, E, dtype=torch.int8),
-        )
+        return self.handle.new_state().to("cpu") if self.handle is not None else state_for_layout(self.layout)
 
     # ------------------------------------------------------------------ adaptation
-    def rerouter(self, cfg: RerouteConfig) -> Rerouter:
-        """A Rerouter for one sequence; it warm-starts later rounds from earlier ones."""
-        from ttadapt.generation import Rerouter
+    def chunk_trainer(self, spec: RequestSpec, base: RouterState, scorer: Scorer | None = None) -> ChunkTrainer:
+        """The trainer of one request (``spec.trainer``), starting from ``base`` and keeping its steering;
+        the search scores with ``scorer`` (an :class:`EngineScorer`)."""
+        if spec.reroute is None or spec.trainer not in self.trainers:
+            raise RequestError(
+                f"rerouting with {spec.trainer!r} is not available on this server (trainers: {list(self.trainers)}); "
+                "restart with `ttadapt serve --trainer hf` or `--trainer search`"
+            )
+        if spec.trainer == "hf":
+            assert self.hf_model is not None
+            return HFTrainer(self.hf_model, spec.reroute, base=base)
+        assert spec.search is not None and scorer is not None
+        if spec.search.layers != "all":
+            unknown = sorted(set(spec.search.layers) - set(self.layout.layer_ids))
+            if unknown:
+                raise RequestError(
+                    f"'{FIELD}.reroute.search.layers' {unknown} are not MoE layers of this model; its MoE layers are "
+                    f"{list(self.layout.layer_ids)}",
+                    f"{FIELD}.reroute.search.layers",
+                )
+        return SearchTrainer(None, spec.search, base=base, scorer=scorer)
 
-        if self.trainer is None:
-            raise RequestError("rerouting needs the HF trainer; restart with `ttadapt serve --trainer hf`")
-        return Rerouter(self.trainer, cfg.replace(reset_per_prompt=False))
-
-    async def adapt(
-        self, rerouter: Rerouter, base: RouterState, ids: list[int], prompt_len: int
-    ) -> Adapted:
-        """Adapt on ``ids`` (prompt + generated so far) on the trainer thread; steering of ``base`` kept."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._adapt_sync, rerouter, base, ids, prompt_len)
-
-    def _adapt_sync(self, rerouter: Rerouter, base: RouterState, ids: list[int], prompt_len: int) -> Adapted:
-        assert self.handle is not None
-        device = self.handle.info.device
-        x = torch.tensor([ids], dtype=torch.long, device=device)
-        with self.handle.use_state(base.to(device)):
-            state, trace = rerouter.adapt(x, prompt_len=prompt_len, return_trace=True)
-        state = state.to("cpu")
-        return Adapted(state=state, record=_round_record(trace.rounds[-1], state))
+    async def adapt(self, trainer: ChunkTrainer, jobs: Sequence[AdaptJob]) -> list[RouterState]:
+        """One round of ``trainer`` off the event loop (HF rounds one at a time: one patched model)."""
+        pool = self._hf_pool if isinstance(trainer, HFTrainer) else self._search_pool
+        return await asyncio.get_running_loop().run_in_executor(pool, trainer.adapt, list(jobs))
 
     @staticmethod
-    def fork(rerouter: Rerouter) -> Rerouter:
-        """A copy of a sequence's Rerouter for one of its samples (shares the warm start, not later rounds)."""
-        return copy.copy(rerouter)
+    def record(trainer: ChunkTrainer, key: tuple[int, int], state: RouterState) -> dict[str, Any]:
+        """A compact record of round ``key = (seq, chunk)`` of ``trainer`` (which returned ``state``)."""
+        if isinstance(trainer, HFTrainer):
+            return _round_record(trainer.traces[key], state)
+        assert isinstance(trainer, SearchTrainer)
+        return _search_record(trainer.traces[key], state)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._hf_pool.shutdown(wait=False, cancel_futures=True)
+        self._search_pool.shutdown(wait=False, cancel_futures=True)
+
+
+class EngineScorer:
+    """A search ``scorer`` over the server's async engine, for trainer threads: each call scores its
+    contexts as concurrent ``prompt_logprobs`` requests on the event loop (the engine batches them)."""
+
+    def __init__(self, engine: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.engine = engine
+        self.loop = loop
+
+    def __call__(
+        self, contexts: Sequence[Sequence[int]], payloads: Sequence[Sequence[float | int]]
+    ) -> list[np.ndarray]:
+        return asyncio.run_coroutine_threadsafe(self.score(contexts, payloads), self.loop).result()
+
+    async def score(
+        self, contexts: Sequence[Sequence[int]], payloads: Sequence[Sequence[float | int]]
+    ) -> list[np.ndarray]:
+        return list(await asyncio.gather(*(self._one(c, p) for c, p in zip(contexts, payloads, strict=True))))
+
+    async def _one(self, context: Sequence[int], payload: Sequence[float | int]) -> np.ndarray:
+        prompt, params = scoring_request(context, payload)
+        final = None
+        async for out in self.engine.generate(prompt, params, f"ttadapt-score-{uuid.uuid4().hex}"):
+            final = out
+        return _target_nll(context, final)
 
 
 def _round_record(r: RoundTrace, state: RouterState) -> dict[str, Any]:
@@ -215,8 +249,29 @@ def _round_record(r: RoundTrace, state: RouterState) -> dict[str, Any]:
     }
 
 
+def _search_record(t: SearchTrace, state: RouterState) -> dict[str, Any]:
+    return {
+        "position": t.targets + 1,
+        "state_hash": state.content_hash(),
+        "skipped": t.skipped,
+        "kept_round": t.kept,
+        "fit_nll": _pair(t.base_fit, t.final_fit),
+        "val_nll": _pair(t.base_val, t.final_val),
+        "requests": t.requests,
+        "delta_mean_abs": round(float(state.delta.abs().mean()), 6),
+        "adapt_ms": round(1000 * t.seconds, 1),
+    }
+
+
+def _pair(base: float | None, final: float | None) -> list[float] | None:
+    """[start, kept] of a search score; None when not scored (skipped search, no held-out part)."""
+    if base is None or final is None or math.isnan(base):
+        return None
+    return [round(base, 5), round(final, 5)]
+
+
 # ---------------------------------------------------------------------------------- loading helpers
-def _load_trainer(config: ServeConfig) -> tuple[nn.Module, PatchHandle]:
+def _load_hf_model(config: ServeConfig) -> tuple[nn.Module, PatchHandle]:
     from transformers import AutoModelForCausalLM
 
     import ttadapt

@@ -4,12 +4,12 @@
 * :func:`prompt` salts the prefix cache per vector (``cache_salt``), so a request never reuses KV
   computed under another vector (the engine-side plugin also salts requests itself; this makes the
   salt explicit and visible);
-* :func:`make_llm` starts ``vllm.LLM`` with the logits processor wired in and ``enforce_eager=True``.
+* :func:`make_llm` starts ``vllm.LLM`` with the logits processor wired in and ``enforce_eager=True``
+  (on either model runner).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -115,10 +115,10 @@ def _salt(state: RouterState | None, steer: Any, row: int | None) -> str | None:
 def make_llm(model: str, **engine_kwargs: Any) -> LLM:
     """``vllm.LLM(model, **engine_kwargs)`` ready for ttadapt requests.
 
-    Adds ttadapt's logits processor (after any given in ``logits_processors``), defaults
+    Adds ttadapt's logits processor (after any given in ``logits_processors``) and defaults
     ``enforce_eager=True`` (the router hook is a Python forward hook; compiled mode works on CPU
-    but is less tested), and selects the V1 model runner (``VLLM_USE_V2_MODEL_RUNNER=0``) unless the
-    environment already chose one. Raises if the installed vLLM is unsupported.
+    but is less tested). Either model runner works: vLLM picks its platform default unless
+    ``VLLM_USE_V2_MODEL_RUNNER`` chooses. Raises if the installed vLLM is unsupported.
     """
     from vllm import LLM
 
@@ -126,13 +126,6 @@ def make_llm(model: str, **engine_kwargs: Any) -> LLM:
     from ttadapt.vllm.logits_processor import FQCN
 
     plugin.ensure_registered()
-    v2 = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
-    if v2 is None:
-        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-    elif v2.strip().lower() in ("1", "true"):
-        raise plugin.PluginUnavailableError(
-            "ttadapt's vLLM plugin supports the V1 model runner only; unset VLLM_USE_V2_MODEL_RUNNER or set it to 0"
-        )
     procs = list(engine_kwargs.pop("logits_processors", None) or [])
     if not any(p == FQCN or getattr(p, "__name__", None) == "TTAdaptLogitsProcessor" for p in procs):
         procs.append(FQCN)

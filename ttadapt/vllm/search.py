@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -124,6 +125,7 @@ class SearchTrace:
     rounds: list[SearchRound] = field(default_factory=list)
     kept: int = 0  # 0: the start was kept; r: the iterate after round r
     skipped: str | None = None
+    seconds: float = 0.0  # wall time of the search_many call that ran it (shared by contexts searched together)
 
     @property
     def requests(self) -> int:
@@ -167,7 +169,7 @@ def search_adapt(
 
 
 def search_many(
-    llm: LLM,
+    llm: LLM | None,
     contexts: Sequence[Sequence[int]],
     inits: Sequence[RouterState],
     config: SearchConfig,
@@ -177,12 +179,15 @@ def search_many(
 ) -> list[tuple[RouterState, SearchTrace]]:
     """:func:`search_adapt` for several contexts at once: each round is ONE ``llm.generate`` call with
     ``config.candidates`` requests per context still searching. ``seeds[i]`` (ints) seeds context ``i``
-    (default ``(config.seed, i)``). ``scorer`` replaces vLLM's scoring (:func:`context_nll` on ``llm``),
-    e.g. to run the same search against another objective."""
+    (default ``(config.seed, i)``). ``scorer`` replaces vLLM's scoring (:func:`context_nll` on ``llm``,
+    which may then be None), e.g. to score with an async engine or against another objective."""
+    if scorer is None and llm is None:
+        raise ValueError("search_many needs llm= or scorer=")
     score: Scorer = scorer if scorer is not None else (lambda c, p: context_nll(llm, c, p))
     if len(contexts) != len(inits):
         raise ValueError(f"got {len(contexts)} contexts but {len(inits)} init states; pass one state per context")
     seeds = [(config.seed, i) for i in range(len(contexts))] if seeds is None else seeds
+    start = time.perf_counter()
     runs = [_Search(list(c), s, config, tuple(int(x) for x in sd)) for c, s, sd in zip(contexts, inits, seeds)]
     for _ in range(config.rounds):
         live = [r for r in runs if r.trace.skipped is None]
@@ -195,7 +200,11 @@ def search_many(
             k = config.candidates
             r.update(nll[at : at + k])
             at += k
-    return [r.finish() for r in runs]
+    results = [r.finish() for r in runs]
+    elapsed = time.perf_counter() - start
+    for _, trace in results:
+        trace.seconds = elapsed
+    return results
 
 
 def zero_state(llm: LLM) -> RouterState:

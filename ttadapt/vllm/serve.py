@@ -2,9 +2,10 @@
 
 It runs vLLM's own API-server entry point in this process, with ttadapt's logits processor, the
 ``ttadapt`` request-field middleware (:mod:`ttadapt.vllm.server`), ``--enforce-eager`` unless the
-command line chose, and the V1 model runner (``VLLM_USE_V2_MODEL_RUNNER=0`` unless set). Before vLLM
-starts it loads the HF trainer (``--trainer hf``) and the ``--state NAME=FILE`` files, checked
-against the served model, so a bad state file fails the command in seconds, not after engine start.
+command line chose, and whichever model runner vLLM picks (V1 or V2). Before vLLM
+starts it loads the HF copy of the model (``--trainer hf``; ``--trainer search`` adapts with the engine
+itself and loads none) and the ``--state NAME=FILE`` files, checked against the served model, so a
+bad state file fails the command in seconds, not after engine start.
 Every argument it does not know is passed to vLLM's server unchanged.
 """
 
@@ -34,19 +35,23 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Every other argument is passed to vLLM's server, e.g. --dtype float32 --max-model-len 4096 "
         "--api-key KEY --served-model-name NAME.",
     )
-    p.add_argument("--model", required=True, help="checkpoint folder or hub id (served by vLLM, loaded by the trainer)")
+    p.add_argument("--model", required=True,
+                   help="checkpoint folder or hub id (served by vLLM; with --trainer hf, also loaded by transformers)")
     p.add_argument("--host", default=None, help="bind address (vLLM's default: all interfaces)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--trainer", choices=("hf", "none"), default="hf",
-                   help="hf: load the model in transformers in the server process to adapt router states on request "
-                   "prompts ('reroute'); none: fixed states and steering only (no extra memory)")
-    p.add_argument("--trainer-device", default="cpu", help="device of the HF trainer (default cpu)")
-    p.add_argument("--trainer-dtype", default="float32", help="dtype of the HF trainer (default float32)")
+    p.add_argument("--trainer", choices=("hf", "search", "none"), default="hf",
+                   help="who adapts router states for 'reroute' requests. hf: gradient steps on a copy of the model "
+                   "loaded in transformers in the server process (requests may pick 'search' too); search: the "
+                   "gradient-free search scored by the engine itself, no second copy of the weights; none: fixed "
+                   "states and steering only")
+    p.add_argument("--trainer-device", default="cpu", help="device of the HF copy (--trainer hf; default cpu)")
+    p.add_argument("--trainer-dtype", default="float32", help="dtype of the HF copy (--trainer hf; default float32)")
     p.add_argument("--state", action="append", default=[], metavar="NAME=FILE",
                    help="register a RouterState file (RouterState.save) under NAME; requests select it with "
                    '{"ttadapt": {"state": "NAME"}}. Repeatable.')
     p.add_argument("--max-reroute-steps", type=int, default=16,
-                   help="largest 'steps' a request may ask for (bounds trainer time per request)")
+                   help="largest 'steps' (hf) or search 'rounds' a request may ask for (bounds adaptation time per "
+                   "request)")
     p.add_argument("--trust-remote-code", action="store_true", help="passed to vLLM and to transformers")
     return p
 
@@ -87,13 +92,6 @@ def vllm_argv(args: argparse.Namespace, rest: Sequence[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     config, vargs = parse_args(sys.argv[1:] if argv is None else argv)
-    v2 = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
-    if v2 is None:
-        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-    elif v2.strip().lower() in ("1", "true"):
-        print("ttadapt serve: the ttadapt plugin supports the V1 model runner only; unset "
-              "VLLM_USE_V2_MODEL_RUNNER or set it to 0", file=sys.stderr)
-        return 2
     try:
         launcher = _vllm_launcher()
     except ImportError as exc:

@@ -7,11 +7,12 @@ lets ``POST /v1/completions`` and ``/v1/chat/completions`` bodies carry a readab
     "ttadapt": {"state": "NAME", "steer": {...}, "reroute": {...}}     # see ttadapt.vllm.http_schema
 
 It builds the request's router state (registered state + steering; with ``reroute``, adapted on the
-prompt by the HF trainer of ``ttadapt.vllm.runtime``), turns it into the flat payload, calls the
-inner vLLM app and adds a compact ``"ttadapt"`` summary to the JSON response (streams: an
-``x-ttadapt`` header). Re-adaptation every ``interval`` tokens runs for non-streaming
-``/v1/completions`` (one inner request per chunk, concatenated); everything else adapts on the
-prompt only, and the summary says which and why. Bad fields get HTTP 400 naming the fix.
+prompt by a trainer of ``ttadapt.vllm.runtime``: the HF copy, or the search scored by the server's own
+engine), turns it into the flat payload, calls the inner vLLM app and adds a compact ``"ttadapt"``
+summary to the JSON response (streams: an ``x-ttadapt`` header). Re-adaptation every ``interval``
+tokens runs for non-streaming ``/v1/completions``: the chunk loop of ``ttadapt.vllm.generate``
+(:mod:`ttadapt.vllm.chunks`), one inner request per chunk, concatenated; everything else adapts on
+the prompt only, and the summary says which and why. Bad fields get HTTP 400 naming the fix.
 Requests without a ``ttadapt`` field pass through unchanged.
 """
 
@@ -22,13 +23,17 @@ import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from ttadapt.vllm.generation import chunk_min_tokens, chunk_seed, continues
+from ttadapt.vllm.chunks import ChunkLoop, ChunkRequest, Decoded, arun_chunks
 from ttadapt.vllm.http_schema import FIELD, RequestError, RequestSpec, parse_request
 from ttadapt.vllm.payload import AUTO_SALT_KEY, PAYLOAD_KEY, payload_salt
-from ttadapt.vllm.runtime import Adapted, ServerRuntime, current_runtime
+from ttadapt.vllm.runtime import EngineScorer, ServerRuntime, current_runtime
+from ttadapt.vllm.trainers import AdaptJob
+
+if TYPE_CHECKING:
+    from ttadapt.vllm.trainers import ChunkTrainer
 
 __all__ = ["ENDPOINTS", "SUMMARY_HEADER", "TTAdaptMiddleware"]
 
@@ -80,18 +85,12 @@ class TTAdaptMiddleware:
 
 
 # ---------------------------------------------------------------------------------- one request
-@dataclass
-class _Seq:
-    """One sample of a chunked completion: its tokens, text and Rerouter (warm start)."""
+class _InnerFailed(Exception):
+    """An inner chunk request did not answer 200 with choices; its response goes to the client as is."""
 
-    index: int
-    rerouter: Any
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
-    stop_reason: Any = None
-    last_got: int = 0
-    rounds: list[dict[str, Any]] = field(default_factory=list)
+    def __init__(self, resp: _Response) -> None:
+        super().__init__(resp.status)
+        self.resp = resp
 
 
 class _Handler:
@@ -115,9 +114,7 @@ class _Handler:
             await self.out.raw(probe)
             return
         rt = self.runtime
-        spec = parse_request(
-            self.data, states=rt.states, trainer=rt.trainer is not None, max_steps=rt.config.max_reroute_steps
-        )
+        spec = parse_request(self.data, states=rt.states, trainers=rt.trainers, max_steps=rt.config.max_reroute_steps)
         base = rt.base_state(spec)
         body = {k: v for k, v in self.data.items() if k != FIELD}
         if not isinstance(body.get("vllm_xargs", {}), dict):
@@ -131,17 +128,28 @@ class _Handler:
         ids = await self._prompt_ids(body)
         if ids is None:
             return  # vLLM's error (e.g. no chat template) was sent
-        why = _prefill_only_reason(self.endpoint, body, spec)
+        trainer = rt.chunk_trainer(spec, base, self._scorer() if spec.trainer == "search" else None)
+        summary["trainer"] = spec.trainer
+        why = _prefill_only_reason(self.endpoint, body, spec, trainer.adapts)
         if why is None:
-            await self._chunked(body, spec, base, ids)
+            await self._chunked(body, spec, ids, trainer, summary)
             return
-        first = await rt.adapt(rt.rerouter(spec.reroute), base, ids, len(ids))
+        (first,) = await rt.adapt(trainer, [AdaptJob(seq=0, context=ids, prompt_len=len(ids), chunk=0)])
         if self.endpoint == "completions":
             body["prompt"] = ids  # decode exactly the tokens the state was adapted on
-        payload = rt.payload(first.state)
-        summary.update(mode="prefill", reason=why, rounds=[first.record], payload_salt=payload_salt(payload))
+        payload = rt.payload(first)
+        summary.update(mode="prefill", reason=why, rounds=[rt.record(trainer, (0, 0), first)],
+                       payload_salt=payload_salt(payload))
         extra = _stale_salt(body, spec)
         await self._forward(body, payload, summary, extra)
+
+    def _scorer(self) -> EngineScorer:
+        """The search's scorer: this server's own engine client (what vLLM's endpoints submit to)."""
+        engine = getattr(getattr(self.inner.scope.get("app"), "state", None), "engine_client", None)
+        if engine is None:
+            raise RequestError("the search trainer needs vLLM's engine client (app.state.engine_client), "
+                               "which this server does not expose", status=500)
+        return EngineScorer(engine, asyncio.get_running_loop())
 
     # ------------------------------------------------------------------ single request
     async def _forward(
@@ -194,89 +202,85 @@ class _Handler:
         return [int(t) for t in obj["tokens"]]
 
     # ------------------------------------------------------------------ chunked re-adaptation
-    async def _chunked(self, body: dict[str, Any], spec: RequestSpec, base: Any, ids: list[int]) -> None:
-        """Adapt on the prompt, decode ``interval`` tokens (n samples), re-adapt each sample, repeat."""
+    async def _chunked(
+        self, body: dict[str, Any], spec: RequestSpec, ids: list[int], trainer: ChunkTrainer, summary: dict[str, Any]
+    ) -> None:
+        """The chunk loop of ``ttadapt.vllm.generate`` over the inner app: one inner request per chunk."""
         rt, cfg = self.runtime, spec.reroute
         assert cfg is not None and cfg.interval is not None
         n = int(body.get("n") or 1)
-        max_tokens = int(body.get("max_tokens", _DEFAULT_MAX_TOKENS))
-        seed = body.get("seed")
-        min_tokens = int(body.get("min_tokens") or 0)
-        want_ids = bool(body.get("return_token_ids"))
+        loop = ChunkLoop([ids], n=n, max_tokens=int(body.get("max_tokens", _DEFAULT_MAX_TOKENS)),
+                         interval=cfg.interval, min_tokens=int(body.get("min_tokens") or 0), seed=body.get("seed"))
         extra = _stale_salt(body, spec)
+        texts: list[str] = [""] * n
+        stops: list[Any] = [None] * n
+        rounds: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+        head: tuple[dict[str, Any], list[tuple[bytes, bytes]]] | None = None  # the first chunk's response
 
-        def request(ctx: list[int], done: int, k: int, s: Any, payload: list[float | int]) -> dict[str, Any]:
-            chunk = min(cfg.interval, max_tokens - done)
-            req = dict(body, prompt=ctx, max_tokens=chunk, n=k, return_token_ids=True,
-                       min_tokens=chunk_min_tokens(min_tokens, done, chunk))
-            if s is not None:
-                req["seed"] = s
-            return _with_payload(req, payload, extra)
+        async def decode(reqs: list[ChunkRequest]) -> list[list[Decoded]]:
+            nonlocal head
+            calls = [self.inner.call("POST", self.path, _chunk_body(body, r, rt.payload(r.state), extra)) for r in reqs]
+            resps = await asyncio.gather(*calls)
+            out = []
+            for req, resp in zip(reqs, resps):
+                obj = resp.json() if resp.status == 200 else None
+                if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list) or not obj["choices"]:
+                    raise _InnerFailed(resp)
+                if head is None:
+                    head = (obj, resp.headers)
+                choices = sorted(obj["choices"], key=lambda c: c.get("index", 0))
+                record = rt.record(trainer, req.round, req.state)
+                for k, ch in zip(req.seqs, choices):
+                    texts[k] += ch.get("text") or ""
+                    stops[k] = ch.get("stop_reason")
+                    rounds[k].append(record)
+                out.append([Decoded([int(t) for t in ch.get("token_ids") or []], ch.get("finish_reason"))
+                            for ch in choices])
+            return out
 
-        rr0 = rt.rerouter(cfg)
-        first = await rt.adapt(rr0, base, ids, len(ids))
-        resp = await self.inner.call("POST", self.path, request(ids, 0, n, seed, rt.payload(first.state)))
-        head = resp.json() if resp.status == 200 else None
-        if not isinstance(head, dict) or not isinstance(head.get("choices"), list):
-            await self.out.raw(resp)
+        try:
+            await arun_chunks(loop, lambda jobs: rt.adapt(trainer, jobs), trainer.fork, decode)
+        except _InnerFailed as exc:
+            await self.out.raw(exc.resp)
             return
-        choices = sorted(head["choices"], key=lambda c: c.get("index", 0))
-        seqs = [
-            _Seq(index=j, rerouter=rr0 if j == 0 else rt.fork(rr0), rounds=[first.record])
-            for j in range(len(choices))
-        ]
-        for s, ch in zip(seqs, choices):
-            _extend(s, ch)
-        chunk_no = 1
-        while active := [s for s in seqs if continues(s.finish_reason, len(s.tokens), max_tokens, s.last_got)]:
-            adapted: list[Adapted] = []
-            for s in active:  # one trainer thread: rounds run one after another
-                adapted.append(await rt.adapt(s.rerouter, base, ids + s.tokens, len(ids)))
-            resps = await asyncio.gather(*(
-                self.inner.call("POST", self.path, request(
-                    ids + s.tokens, len(s.tokens), 1, chunk_seed(seed, chunk_no, n, s.index), rt.payload(a.state)))
-                for s, a in zip(active, adapted)
-            ))
-            for s, a, r in zip(active, adapted, resps):
-                obj = r.json() if r.status == 200 else None
-                if not isinstance(obj, dict) or not obj.get("choices"):
-                    await self.out.raw(r)
-                    return
-                s.rounds.append(a.record)
-                _extend(s, obj["choices"][0])
-            chunk_no += 1
-        for s, ch in zip(seqs, choices):
-            ch.update(text=s.text, finish_reason=s.finish_reason, stop_reason=s.stop_reason,
+        assert head is not None
+        obj, headers = head
+        choices = sorted(obj["choices"], key=lambda c: c.get("index", 0))
+        want_ids = bool(body.get("return_token_ids"))
+        for k, (s, ch) in enumerate(zip(loop.seqs, choices)):
+            ch.update(text=texts[k], finish_reason=s.finish_reason, stop_reason=stops[k],
                       token_ids=s.tokens if want_ids else None, prompt_token_ids=ids if want_ids else None)
-        completion = sum(len(s.tokens) for s in seqs)
-        head["choices"] = choices
-        head["usage"] = {
+        completion = sum(len(s.tokens) for s in loop.seqs)
+        obj["choices"] = choices
+        obj["usage"] = {
             "prompt_tokens": len(ids), "completion_tokens": completion, "total_tokens": len(ids) + completion,
         }
-        summary: dict[str, Any] = {"state": spec.state, "mode": "chunked", "interval": cfg.interval}
-        if len(seqs) == 1:
-            summary["rounds"] = seqs[0].rounds
+        summary.update(mode="chunked", interval=cfg.interval)
+        if n == 1:
+            summary["rounds"] = rounds[0]
         else:
-            summary["samples"] = [{"index": s.index, "rounds": s.rounds} for s in seqs]
-        head[FIELD] = summary
-        await self.out.json(200, head, resp.headers)
+            summary["samples"] = [{"index": k, "rounds": r} for k, r in enumerate(rounds)]
+        obj[FIELD] = summary
+        await self.out.json(200, obj, headers)
 
 
-def _extend(s: _Seq, choice: dict[str, Any]) -> None:
-    new = [int(t) for t in choice.get("token_ids") or []]
-    s.tokens.extend(new)
-    s.text += choice.get("text") or ""
-    s.finish_reason = choice.get("finish_reason")
-    s.stop_reason = choice.get("stop_reason")
-    s.last_got = len(new)
+def _chunk_body(
+    body: dict[str, Any], req: ChunkRequest, payload: list[float | int], extra: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The inner ``/v1/completions`` body of one chunk: token-id prompt, chunk limits, seed and vector."""
+    out = dict(body, prompt=req.context, max_tokens=req.max_tokens, n=len(req.seqs), return_token_ids=True,
+               min_tokens=req.min_tokens)
+    if req.seed is not None:
+        out["seed"] = req.seed
+    return _with_payload(out, payload, extra)
 
 
-def _prefill_only_reason(endpoint: str, body: dict[str, Any], spec: RequestSpec) -> str | None:
-    """Why this request cannot be re-adapted every ``interval`` tokens (None: it can)."""
+def _prefill_only_reason(endpoint: str, body: dict[str, Any], spec: RequestSpec, adapts: bool) -> str | None:
+    """Why this request cannot be re-adapted every ``interval`` tokens (None: it can); ``adapts``: its trainer's."""
     cfg = spec.reroute
     assert cfg is not None
-    if cfg.steps == 0:
-        return "steps=0 (no adaptation)"
+    if not adapts:
+        return "search rounds=0 (no adaptation)" if spec.trainer == "search" else "steps=0 (no adaptation)"
     if cfg.interval is None:
         return "interval is null (prefill-only requested)"
     if endpoint != "completions":

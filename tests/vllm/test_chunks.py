@@ -1,0 +1,115 @@
+"""The chunk loop shared by ``ttadapt.vllm.generate`` and ``ttadapt serve`` (no vLLM: runs everywhere).
+
+A fake trainer records its jobs and forks; a fake decoder makes tokens from the request, so the
+schedule (who adapts on what, chunk sizes, seeds, min_tokens, stops) is checked exactly. The same
+loop with vLLM: test_generate_n.py, test_search.py (offline) and test_serve.py (HTTP).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from ttadapt.vllm.chunks import ChunkLoop, ChunkRequest, Decoded, arun_chunks, run_chunks
+from ttadapt.vllm.trainers import AdaptJob
+
+PROMPTS = [[1, 2, 3], [4, 5]]
+
+
+class FakeTrainer:
+    """Returns the job's (seq, chunk) as its "state"; records jobs and forks."""
+
+    def __init__(self) -> None:
+        self.jobs: list[AdaptJob] = []
+        self.forks: list[tuple[int, int]] = []
+
+    def adapt(self, jobs: list[AdaptJob]) -> list[tuple[int, int]]:
+        self.jobs.extend(jobs)
+        return [(j.seq, j.chunk) for j in jobs]
+
+    def fork(self, src: int, dst: int) -> None:
+        self.forks.append((src, dst))
+
+
+class FakeDecoder:
+    """Sample ``i`` of a request gets ``max_tokens`` tokens ``100 * seq + position``; sequence 3 stops
+    after its first chunk, so it must get no second one."""
+
+    def __init__(self) -> None:
+        self.requests: list[ChunkRequest] = []
+
+    def __call__(self, reqs: list[ChunkRequest]) -> list[list[Decoded]]:
+        self.requests.extend(reqs)
+        out = []
+        for r in reqs:
+            done = len(r.context) - len(PROMPTS[r.prompt_index])
+            out.append([
+                Decoded([100 * k + done + t for t in range(r.max_tokens)], "stop" if k == 3 else "length")
+                for k in r.seqs
+            ])
+        return out
+
+
+def _loop() -> ChunkLoop:
+    return ChunkLoop(PROMPTS, n=2, max_tokens=7, interval=3, min_tokens=4, seed=10)
+
+
+def test_schedule_prefill_once_per_prompt_then_each_sample_alone() -> None:
+    loop, trainer, decode = _loop(), FakeTrainer(), FakeDecoder()
+    run_chunks(loop, trainer.adapt, trainer.fork, decode)
+    # Round 0: one job per prompt (seq i * n), the other sample forked from it, one request with n samples.
+    assert [(j.seq, j.chunk, j.context, j.prompt_len) for j in trainer.jobs[:2]] == [
+        (0, 0, [1, 2, 3], 3), (2, 0, [4, 5], 2)]
+    assert trainer.forks == [(0, 1), (2, 3)]
+    first = decode.requests[:2]
+    assert [(r.seqs, r.state, r.round, r.max_tokens, r.min_tokens, r.seed) for r in first] == [
+        ((0, 1), (0, 0), (0, 0), 3, 3, 10), ((2, 3), (2, 0), (2, 0), 3, 3, 10)]
+    # Later rounds: each unfinished sample on its own context; seed + c * n + j; min_tokens over all chunks.
+    later = [(r.seqs, r.round, r.max_tokens, r.min_tokens, r.seed) for r in decode.requests[2:]]
+    assert later == [
+        ((0,), (0, 1), 3, 1, 12), ((1,), (1, 1), 3, 1, 13), ((2,), (2, 1), 3, 1, 12),  # seq 3 stopped
+        ((0,), (0, 2), 1, 0, 14), ((1,), (1, 2), 1, 0, 15), ((2,), (2, 2), 1, 0, 14),  # 7 - 6 = 1 token left
+    ]
+    assert trainer.jobs[2].context == [1, 2, 3, 0, 1, 2] and trainer.jobs[2].prompt_len == 3
+    assert [s.tokens for s in loop.seqs] == [[100 * k + t for t in range(7)] for k in range(3)] + [[300, 301, 302]]
+    assert [(s.prompt_index, s.sample_index, s.chunks, s.finish_reason) for s in loop.seqs] == [
+        (0, 0, 3, "length"), (0, 1, 3, "length"), (1, 0, 3, "length"), (1, 1, 1, "stop")]
+    assert loop.jobs() == []
+
+
+def test_async_driver_runs_the_same_schedule() -> None:
+    sync, a_trainer = _loop(), FakeTrainer()
+    run_chunks(sync, a_trainer.adapt, a_trainer.fork, FakeDecoder())
+    loop, trainer, decode = _loop(), FakeTrainer(), FakeDecoder()
+
+    async def adapt(jobs: list[AdaptJob]) -> list[tuple[int, int]]:
+        await asyncio.sleep(0)
+        return trainer.adapt(jobs)
+
+    async def adecode(reqs: list[ChunkRequest]) -> list[list[Decoded]]:
+        await asyncio.sleep(0)
+        return decode(reqs)
+
+    asyncio.run(arun_chunks(loop, adapt, trainer.fork, adecode))
+    assert loop.seqs == sync.seqs and trainer.jobs == a_trainer.jobs and trainer.forks == a_trainer.forks
+
+
+def test_no_interval_is_one_chunk_and_empty_chunks_end_a_sequence() -> None:
+    loop, trainer = ChunkLoop([[7, 8]], max_tokens=5, interval=None), FakeTrainer()
+    run_chunks(loop, trainer.adapt, trainer.fork, lambda reqs: [[Decoded([1, 2, 3, 4, 5], "length")] for _ in reqs])
+    assert len(trainer.jobs) == 1 and loop.seqs[0].tokens == [1, 2, 3, 4, 5] and loop.seqs[0].chunks == 1
+    # "length" with no new token (e.g. the context filled the model): no endless re-adaptation.
+    loop, trainer = ChunkLoop([[7, 8]], max_tokens=5, interval=2), FakeTrainer()
+    run_chunks(loop, trainer.adapt, trainer.fork, lambda reqs: [[Decoded([], "length")] for _ in reqs])
+    assert len(trainer.jobs) == 1 and loop.seqs[0].chunks == 1
+
+
+def test_mismatched_trainer_or_decoder_output_is_an_error() -> None:
+    loop = _loop()
+    jobs = loop.jobs()
+    with pytest.raises(ValueError, match="returned 1 states for 2 jobs"):
+        loop.requests([None], lambda s, d: None)  # type: ignore[list-item]
+    reqs = loop.requests([None] * len(jobs), lambda s, d: None)  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="a chunk request for 2 samples returned 1"):
+        loop.decoded(reqs, [[Decoded([1], "length")]] * len(reqs))
