@@ -105,6 +105,14 @@ def shutdown(llm: Any) -> None:
 
 
 @pytest.fixture(scope="module")
+def llm() -> Iterator[Any]:
+    """One default engine per test module (modules that need other engine settings define their own)."""
+    llm = engine()
+    yield llm
+    shutdown(llm)
+
+
+@pytest.fixture(scope="module")
 def hf_model() -> Iterator[Any]:
     from transformers import AutoModelForCausalLM
 

@@ -23,13 +23,6 @@ pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module")
-def llm(vt: Any) -> Any:
-    engine = vt.engine()
-    yield engine
-    vt.shutdown(engine)
-
-
-@pytest.fixture(scope="module")
 def handle(hf_model: Any) -> Any:
     h = ttadapt.patch(hf_model)
     yield h

@@ -65,13 +65,6 @@ MC_ROWS = [
 
 
 @pytest.fixture(scope="module")
-def llm(vt: Any) -> Any:
-    engine = vt.engine()
-    yield engine
-    vt.shutdown(engine)
-
-
-@pytest.fixture(scope="module")
 def hf(vt: Any) -> tuple[Any, Any]:
     return load_model(vt.model_path())
 

@@ -22,13 +22,6 @@ CFG = ttadapt.RerouteConfig(steps=2, interval=4, lr=0.5, selection="all", guard=
 SAMPLING = {"temperature": 1.0, "seed": 1234, "ignore_eos": True}
 
 
-@pytest.fixture(scope="module")
-def llm(vt: Any) -> Any:
-    engine = vt.engine()
-    yield engine
-    vt.shutdown(engine)
-
-
 def _by_prompt(res: list[Any], n_prompts: int) -> list[list[Any]]:
     assert [(r.prompt_index, r.sample_index) for r in res] == [(i, j) for i in range(n_prompts) for j in range(K)]
     return [res[i * K:(i + 1) * K] for i in range(n_prompts)]

@@ -41,13 +41,6 @@ def _v2_requested() -> bool:
 
 
 @pytest.fixture(scope="module")
-def llm(vt: Any) -> Any:
-    engine = vt.engine()
-    yield engine
-    vt.shutdown(engine)
-
-
-@pytest.fixture(scope="module")
 def runner(llm: Any) -> Any:
     r = llm.llm_engine.model_executor.driver_worker.worker.model_runner
     assert is_v2(r) == _v2_requested(), f"asked for V2={_v2_requested()}, engine runs {type(r).__module__}"
