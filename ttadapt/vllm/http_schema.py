@@ -224,12 +224,7 @@ def _parse_reroute(
         cfg = RerouteConfig.preset(preset, **fields)
     except (TypeError, ValueError) as exc:
         raise RequestError(f"bad '{param}': {exc}", param) from None
-    if max_steps is not None and cfg.steps > max_steps:
-        raise RequestError(
-            f"'{param}.steps' = {cfg.steps} exceeds this server's limit of {max_steps} "
-            "(ask for fewer steps, or restart with a larger `ttadapt serve --max-reroute-steps`)",
-            f"{param}.steps",
-        )
+    _check_step_limit(param, "steps", cfg.steps, max_steps)
     return cfg, trainer, search
 
 
@@ -246,6 +241,16 @@ def _parse_trainer(raw: Any, trainers: Sequence[str]) -> str:
             param,
         )
     return str(raw)
+
+
+def _check_step_limit(param: str, key: str, value: int, max_steps: int | None) -> None:
+    """400 when ``param.key`` asks for more steps/rounds than ``ttadapt serve --max-reroute-steps`` allows."""
+    if max_steps is not None and value > max_steps:
+        raise RequestError(
+            f"'{param}.{key}' = {value} exceeds this server's limit of {max_steps} "
+            f"(ask for fewer {key}, or restart with a larger `ttadapt serve --max-reroute-steps`)",
+            f"{param}.{key}",
+        )
 
 
 def _parse_search(raw: Any, trainer: str, max_steps: int | None) -> SearchConfig | None:
@@ -278,12 +283,7 @@ def _parse_search(raw: Any, trainer: str, max_steps: int | None) -> SearchConfig
         cfg = SearchConfig(**fields)
     except (TypeError, ValueError) as exc:
         raise RequestError(f"bad '{param}': {exc}", param) from None
-    if max_steps is not None and cfg.rounds > max_steps:
-        raise RequestError(
-            f"'{param}.rounds' = {cfg.rounds} exceeds this server's limit of {max_steps} "
-            "(ask for fewer rounds, or restart with a larger `ttadapt serve --max-reroute-steps`)",
-            f"{param}.rounds",
-        )
+    _check_step_limit(param, "rounds", cfg.rounds, max_steps)
     if cfg.candidates > MAX_SEARCH_CANDIDATES:
         raise RequestError(
             f"'{param}.candidates' = {cfg.candidates} exceeds the limit of {MAX_SEARCH_CANDIDATES} "
