@@ -31,3 +31,20 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert held["ratio"] == pytest.approx(1.0) and held["rss_ratio"] == pytest.approx(1.0)
     assert (tmp_path / "bench.png").stat().st_size > 0
     assert "ratio vs plain" in (tmp_path / "bench.md").read_text()
+
+
+def test_bench_static_decode_applies_to_every_method(tmp_path: Path) -> None:
+    from ttadapt.eval.bench.cli import decode_kwargs, main
+
+    assert decode_kwargs("dynamic") == {}
+    assert decode_kwargs("static") == {"cache_implementation": "static", "disable_compile": True}
+    compiled = decode_kwargs("compiled")
+    assert compiled["cache_implementation"] == "static" and compiled["compile_config"]._compile_all_devices
+    rc = main([
+        "time", "--model", "tiny", "--context", "24", "--new-tokens", "6", "--repeats", "1", "--warmup", "0",
+        "--methods", "plain", "paper", "--interval", "3", "--decode", "static", "--out", str(tmp_path),
+    ])
+    assert rc == 0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["env"]["decode"] == "static"
+    assert {r["method"] for r in data["timing"]} == {"plain", "paper"}

@@ -19,6 +19,7 @@ from ttadapt.adapt import RoundResult, RoundRunner
 from ttadapt.config import RerouteConfig
 from ttadapt.handle import PatchHandle, get_handle, patch
 from ttadapt.state import RouterState
+from ttadapt.static_decode import StaticDecodeCache, wants_static
 from ttadapt.trace import AdaptationTrace, RoundTrace
 
 
@@ -170,6 +171,8 @@ class Rerouter:
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         pad_id = gen.pad_token_id if gen.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
         gen.pad_token_id = pad_id
+        static = StaticDecodeCache(self.model, max(1, ids.shape[1] + max_new - 1)) if wants_static(gen.cache_implementation) else None
+        gen.cache_implementation = None
 
         handle, owned = self._handle()
         trace = AdaptationTrace(config=cfg.to_dict())
@@ -200,6 +203,9 @@ class Rerouter:
                     t0 = time.perf_counter()
                     gen.max_new_tokens = chunk
                     gen.min_new_tokens = min(chunk, max(0, min_new - produced)) or None
+                    if static is not None:  # every router through the edit: no recompiles as rounds change layers
+                        cache = static.load(cache)
+                        handle.state.mark_active()
                     out = self.model.generate(
                         input_ids=ids,
                         attention_mask=mask,

@@ -81,10 +81,36 @@ def _runner(model: Any, method: str, ids: torch.Tensor, new: int, args: argparse
     import ttadapt
 
     cfg = _config(method, args)
-    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    kw: dict[str, Any] = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, **decode_kwargs(args.decode))
     if cfg is None:
         return lambda: model.generate(ids, **kw)
     return lambda: ttadapt.generate(model, ids, reroute=cfg, return_trace=True, **kw)
+
+
+def decode_kwargs(decode: str) -> dict[str, Any]:
+    """``generate`` options of a decode mode, the same for plain and ttadapt (ratios compare like with like).
+
+    ``static``: fixed-shape KV cache, eager; ``compiled``: static cache with the decode step compiled by
+    transformers' auto-compile (its default on CUDA; forced here on every device).
+    """
+    if decode == "dynamic":
+        return {}
+    if decode == "static":
+        return {"cache_implementation": "static", "disable_compile": True}
+    from transformers import CompileConfig
+
+    cc = CompileConfig()
+    cc._compile_all_devices = True
+    return {"cache_implementation": "static", "compile_config": cc}
+
+
+def _patch_for_compile(model: Any, decode: str) -> None:
+    """With a static cache every method runs on the model patched once (a zero state is exact), as a
+    compiled decode wants: patching per call would re-register hooks and recompile the step."""
+    if decode != "dynamic":
+        import ttadapt
+
+        ttadapt.patch(model)
 
 
 def _env(args: argparse.Namespace) -> dict[str, Any]:
@@ -102,12 +128,14 @@ def _env(args: argparse.Namespace) -> dict[str, Any]:
         "model": args.model,
         "layers": args.layers,
         "dtype": args.dtype,
+        "decode": args.decode,
     }
 
 
 def run_timing(args: argparse.Namespace) -> list[dict[str, Any]]:
     dtype = getattr(torch, args.dtype)
     model, vocab = build(args.model, device=args.device, dtype=dtype, layers=args.layers)
+    _patch_for_compile(model, args.decode)
     rows = []
     g = torch.Generator().manual_seed(0)
     for ctx in args.context:
@@ -131,7 +159,7 @@ def _worker(args: argparse.Namespace, method: str, ctx: int, measure: str) -> di
     """Run one method in a fresh process, so no earlier run's memory counts; its JSON report."""
     cmd = [sys.executable, "-m", "ttadapt.eval.bench.cli", "_one", "--method", method, "--context", str(ctx),
            "--new-tokens", str(args.new_tokens[0]), "--model", args.model, "--device", args.device,
-           "--dtype", args.dtype, "--measure", measure] + (["--layers", str(args.layers)] if args.layers else [])
+           "--dtype", args.dtype, "--measure", measure, "--decode", args.decode] + (["--layers", str(args.layers)] if args.layers else [])
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     for flag in ("steps", "interval", "ratio"):
@@ -171,6 +199,7 @@ def _one(args: argparse.Namespace) -> None:
 
     dtype = getattr(torch, args.dtype)
     model, vocab = build(args.model, device=args.device, dtype=dtype, layers=args.layers)
+    _patch_for_compile(model, args.decode)
     ids = torch.randint(2, vocab, (1, args.context[0]), generator=torch.Generator().manual_seed(0)).to(args.device)
     fn = _runner(model, args.method, ids, args.new_tokens[0], args)
     report: dict[str, Any] = {}
@@ -245,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--interval", type=int, default=None)
     p.add_argument("--ratio", type=float, default=None)
+    p.add_argument("--decode", default="dynamic", choices=["dynamic", "static", "compiled"],
+                   help="KV cache / decode mode for every method: dynamic (default), static, compiled (static + torch.compile)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
