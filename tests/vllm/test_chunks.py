@@ -11,7 +11,7 @@ import asyncio
 
 import pytest
 
-from ttadapt.vllm.chunks import ChunkLoop, ChunkRequest, Decoded, arun_chunks, run_chunks
+from ttadapt.vllm.chunks import ChunkLoop, ChunkRequest, Decoded, StopStrings, arun_chunks, run_chunks
 from ttadapt.vllm.trainers import AdaptJob
 
 PROMPTS = [[1, 2, 3], [4, 5]]
@@ -113,3 +113,41 @@ def test_mismatched_trainer_or_decoder_output_is_an_error() -> None:
     reqs = loop.requests([None] * len(jobs), lambda s, d: None)  # type: ignore[list-item]
     with pytest.raises(ValueError, match="a chunk request for 2 samples returned 1"):
         loop.decoded(reqs, [[Decoded([1], "length")]] * len(reqs))
+
+
+# Token t decodes to the t-th letter ("a" = 0), so token lists read as words.
+def _letters(tokens: list[int]) -> str:
+    return "".join(chr(ord("a") + t) for t in tokens)
+
+
+def _tok(word: str) -> list[int]:
+    return [ord(c) - ord("a") for c in word]
+
+
+def test_stop_strings_find_the_token_completing_a_straddling_stop() -> None:
+    stop = StopStrings(["end", "", "xy"], _letters)
+    assert stop(_tok("abcen" + "dxyz"), 5) == 6  # "en|d": keep through "d"
+    assert stop(_tok("abcx" + "yzen"), 4) == 5  # the earliest stop ending in the new chunk wins
+    assert stop(_tok("endab" + "cd"), 5) is None  # a stop wholly before the chunk is not this chunk's
+    assert stop(_tok("abc" + "dfg"), 3) is None
+    assert StopStrings([], _letters)(_tok("end"), 1) is None
+
+
+def test_a_stop_straddling_two_chunks_ends_the_sequence() -> None:
+    text = _tok("abcdeendfghij")  # chunks of 3: "abc" "dee" "ndf" ...: "end" straddles chunks 2 and 3
+
+    def decode(reqs: list[ChunkRequest]) -> list[list[Decoded]]:
+        out = []
+        for r in reqs:
+            done = len(r.context) - 1
+            out.append([Decoded(text[done:done + r.max_tokens], "length") for _ in r.seqs])
+        return out
+
+    for min_tokens, want, reason in ((0, "abcdeend", "stop"), (9, "abcdeendfghi", "length")):
+        loop = ChunkLoop([[0]], max_tokens=12, interval=3, min_tokens=min_tokens,
+                         stop_at=StopStrings(["end"], _letters))
+        trainer = FakeTrainer()
+        run_chunks(loop, trainer.adapt, trainer.fork, decode)
+        s = loop.seqs[0]
+        assert (_letters(s.tokens), s.finish_reason) == (want, reason)
+        assert s.chunks == (3 if reason == "stop" else 4) and loop.jobs() == []

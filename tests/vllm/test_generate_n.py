@@ -97,3 +97,16 @@ def test_bench_vllm_runners_time_adaptation_apart_from_decoding(llm: Any, vt: An
     assert phases["adapt"] > 0 and phases["decode"] > 0
     res, _ = runner(llm, hf_model, "vllm-paper", CFG.replace(steps=0), ids, new)()
     assert res[0].token_ids == vanilla
+
+
+def test_stop_string_straddling_a_chunk_boundary_ends_generation(llm: Any, vt: Any, hf_model: Any) -> None:
+    tok = llm.get_tokenizer()
+    greedy = {"temperature": 0.0}
+    full = generate(llm, [vt.PROMPTS[2]], hf_model=hf_model, reroute=CFG, max_tokens=12, sampling=greedy)[0]
+    ids = full.token_ids
+    head, tail = tok.decode(ids[:4]), tok.decode(ids[:5])  # chunk 1 = tokens 0-3, chunk 2 starts at token 4
+    stop = head[-1:] + tail[len(head):len(head) + 1]
+    assert len(stop) == 2 and stop not in head and len(ids) == 12
+    got = generate(llm, [vt.PROMPTS[2]], hf_model=hf_model, reroute=CFG, max_tokens=12,
+                   sampling=dict(greedy, stop=[stop]))[0]
+    assert got.token_ids == ids[:5] and got.finish_reason == "stop" and got.chunks == 2

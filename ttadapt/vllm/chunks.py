@@ -21,11 +21,13 @@ if TYPE_CHECKING:
     from ttadapt.state import RouterState
 
 __all__ = [
-    "ChunkLoop", "ChunkRequest", "ChunkSeq", "Decoded", "arun_chunks", "chunk_min_tokens", "chunk_seed", "continues",
-    "run_chunks",
+    "ChunkLoop", "ChunkRequest", "ChunkSeq", "Decoded", "StopStrings", "arun_chunks", "chunk_min_tokens", "chunk_seed",
+    "continues", "run_chunks",
 ]
 
 Fork = Callable[[int, int], None]
+#: ``stop_at(tokens, before)``: how many of a sequence's ``tokens`` to keep when a stop ends after ``tokens[:before]``.
+StopAt = Callable[[list[int], int], "int | None"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ class ChunkLoop:
 
     ``interval=None`` decodes everything in one chunk after the prefill round (no re-adaptation).
     ``min_tokens`` counts over all chunks; chunk ``c > 0`` of sample ``j`` is seeded ``seed + c * n + j``.
+    ``stop_at`` (e.g. :class:`StopStrings`) ends a sequence whose chunk ran to length when a stop that the
+    decoder could not see, one straddling two chunks, ends in it.
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class ChunkLoop:
         n: int = 1,
         min_tokens: int = 0,
         seed: int | None = None,
+        stop_at: StopAt | None = None,
     ) -> None:
         if max_tokens < 1 or n < 1 or (interval is not None and interval < 1):
             raise ValueError(f"need max_tokens, n >= 1 and interval None or >= 1; got {max_tokens}, {n}, {interval}")
@@ -87,6 +92,7 @@ class ChunkLoop:
         self.interval = interval
         self.min_tokens = min_tokens
         self.seed = seed
+        self.stop_at = stop_at
         self.seqs = [ChunkSeq(prompt_index=i, sample_index=j) for i in range(len(self.prompts)) for j in range(n)]
         self._chunk = 0  # number of the next chunk
         self._jobs: list[AdaptJob] = []
@@ -137,14 +143,42 @@ class ChunkLoop:
                 raise ValueError(f"a chunk request for {len(req.seqs)} samples returned {len(samples)}")
             for k, o in zip(req.seqs, samples):
                 s = self.seqs[k]
+                before = len(s.tokens)
                 s.tokens.extend(o.token_ids)
                 s.finish_reason = o.finish_reason
                 s.last_got = len(o.token_ids)
                 s.chunks += 1
+                if self.stop_at is not None and before and o.token_ids and o.finish_reason == "length":
+                    keep = self.stop_at(s.tokens, before)
+                    if keep is not None and keep >= self.min_tokens:
+                        del s.tokens[keep:]
+                        s.finish_reason, s.last_got = "stop", keep - before
         self._chunk += 1
 
     def _continues(self, s: ChunkSeq) -> bool:
         return continues(s.finish_reason, len(s.tokens), self.max_tokens, s.last_got)
+
+
+class StopStrings:
+    """Stop strings that straddle two chunks: each chunk is its own vLLM request, which sees only its own text.
+
+    Called with a sequence's tokens and the count before its last chunk, it returns the number of tokens
+    up to the one that completes the earliest stop ending in that chunk (vLLM's rule within a request), or None.
+    """
+
+    def __init__(self, stops: Sequence[str], decode: Callable[[list[int]], str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.decode = decode
+
+    def __call__(self, tokens: list[int], before: int) -> int | None:
+        if not self.stops:
+            return None
+        text, old = self.decode(tokens), len(self.decode(tokens[:before]))
+        ends = [i + len(s) for s in self.stops if (i := text.find(s, max(0, old - len(s) + 1))) >= 0]
+        if not ends:
+            return None
+        end = min(ends)
+        return next((k for k in range(before + 1, len(tokens)) if len(self.decode(tokens[:k])) >= end), len(tokens))
 
 
 Decode = Callable[[list[ChunkRequest]], list[list[Decoded]]]

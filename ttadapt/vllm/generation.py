@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from ttadapt.config import RerouteConfig
-from ttadapt.vllm.chunks import ChunkLoop, ChunkRequest, Decoded, run_chunks
+from ttadapt.vllm.chunks import ChunkLoop, ChunkRequest, Decoded, StopStrings, run_chunks
 from ttadapt.vllm.payload import AUTO_SALT_KEY
 from ttadapt.vllm.sampling import prompt as make_prompt
 from ttadapt.vllm.sampling import sampling_params as make_sampling_params
@@ -93,7 +93,9 @@ def generate(
             (chunk ``c`` of sample ``j`` is seeded ``seed + c * n + j`` when ``seed`` is set).
         sampling: further ``vllm.SamplingParams`` fields (``temperature``, ``top_p``, ``seed``, ``stop``,
             ``min_tokens``, ...). ``max_tokens``, ``n`` and ``extra_args["ttadapt"]`` are managed here;
-            ``min_tokens`` counts over all chunks. Stop strings that straddle two chunks are not detected.
+            ``min_tokens`` counts over all chunks. A stop string that straddles two chunks (each is its own
+            request, which sees only its own text) ends the sequence at the token that completes it, as
+            vLLM does within a request; ``text`` is the decoded tokens (stop string included).
         tokenizer: for string prompts and the returned text; defaults to ``llm.get_tokenizer()``.
         keep_states: return each chunk's RouterState (``False`` saves memory). The first chunk's state
             is one object shared by the ``n`` samples of a prompt.
@@ -116,11 +118,13 @@ def generate(
         raise ValueError(f"n must be an int >= 1, got {n!r}")
     seed = sp_kwargs.pop("seed", None)
     min_tokens = int(sp_kwargs.pop("min_tokens", 0) or 0)
-    if tokenizer is None and any(isinstance(p, str) for p in prompts):
+    stops = _stop_strings(sp_kwargs.get("stop"))
+    if tokenizer is None and (stops or any(isinstance(p, str) for p in prompts)):
         tokenizer = llm.get_tokenizer()
     loop = ChunkLoop(
         [_ids(p, tokenizer) for p in prompts], n=n, max_tokens=max_tokens,
         interval=cfg.interval if adapter.adapts else None, min_tokens=min_tokens, seed=seed,
+        stop_at=StopStrings(stops, tokenizer.decode) if stops else None,
     )
     salts = [f"ttadapt-seq:{uuid.uuid4().hex}" for _ in loop.prompts] if cfg.kv_policy == "stale" else None
     states: list[list[RouterState]] = [[] for _ in loop.seqs]
@@ -193,3 +197,14 @@ def _ids(p: str | Sequence[int], tokenizer: Any) -> list[int]:
     if isinstance(p, str):
         return list(tokenizer(p)["input_ids"])
     return [int(t) for t in p]
+
+
+def _stop_strings(stop: Any) -> list[str]:
+    """``SamplingParams.stop`` as a list (vLLM takes a string or a list of strings)."""
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if isinstance(stop, Sequence) and all(isinstance(s, str) for s in stop):
+        return list(stop)
+    raise ValueError(f"sampling['stop'] must be a string or a list of strings, got {stop!r}")
