@@ -182,7 +182,7 @@ class RoundRunner:
         deferred = cfg.guard and cfg.refit  # the guard decides first, so the cache is built once, after it
         cache, ce_final, after = self._refresh(
             x, y, xm, pos, first, hidden, build=want_cache and policy != "stale" and not deferred,
-            partial=partial, conf_cache=conf_cache,
+            partial=partial, conf_cache=conf_cache, losses=cfg.guard,
         )
         if ce_final is not None and len(candidates) > 1:
             candidates[-1] = (candidates[-1][0], _masked_mean(ce_final, val_f))
@@ -205,7 +205,8 @@ class RoundRunner:
                     cache = conf_cache
                 else:
                     cache, _, _ = self._refresh(
-                        x, y, xm, pos, first, hidden, build=True, partial=partial, conf_cache=conf_cache, record=False
+                        x, y, xm, pos, first, hidden, build=True, partial=partial, conf_cache=conf_cache, record=False,
+                        losses=False,
                     )
         else:
             trace.chosen = len(candidates) - 1
@@ -217,23 +218,42 @@ class RoundRunner:
         return RoundResult(cache=cache, trace=trace)
 
     def _refresh(
-        self, x, y, xm, pos, first, hidden, *, build: bool, partial: bool, conf_cache: Any, record: bool = True
+        self, x, y, xm, pos, first, hidden, *, build: bool, partial: bool, conf_cache: Any, record: bool = True,
+        losses: bool = True,
     ) -> tuple[Any, torch.Tensor | None, list[torch.Tensor | None] | None]:
-        """No-grad forward under the current state: (cache or None, per-token CE, selections)."""
+        """No-grad forward under the current state: (cache or None, per-token CE if ``losses``, selections).
+
+        Without ``losses`` (no guard to score) the forward stops before the LM head where the model splits.
+        """
         skip = first if (partial or not build) else 0
+        run = self._losses if losses else self._hidden_only(x)
         with torch.no_grad(), skip_below(self.layers, skip, hidden):
             if record:
                 with self.handle.record() as rec:
-                    out = self._losses(x, xm, pos, y, use_cache=build)
+                    out = run(x, xm, pos, y, use_cache=build)
                 after = rec.selection_sets(missing_ok=True)
             else:
-                out = self._losses(x, xm, pos, y, use_cache=build)
+                out = run(x, xm, pos, y, use_cache=build)
                 after = None
         cache = out.past_key_values if build else None
         if build and skip > 0 and not splice_cache(cache, conf_cache, skip):
             with torch.no_grad():
-                cache = self._losses(x, xm, pos, y, use_cache=True).past_key_values
-        return cache, out.losses, after
+                cache = self._hidden_only(x)(x, xm, pos, y, use_cache=True).past_key_values
+        return cache, out.losses if losses else None, after
+
+    def _hidden_only(self, probe: torch.Tensor) -> Any:
+        """A forward without the LM head (for its cache), where the model verifiably splits into decoder +
+        head (:class:`LossHead`, checked on ``probe`` outside any layer hooks); else the whole model's."""
+        head = LossHead.for_model(self.model, probe)
+
+        def run(x: torch.Tensor, xm: torch.Tensor, pos: torch.Tensor, y: torch.Tensor, *, use_cache: bool) -> LossOutput:
+            if head is None:
+                out = self._forward(x, xm, pos, use_cache=use_cache)
+            else:
+                out = head.decoder(input_ids=x, attention_mask=xm, position_ids=pos, use_cache=use_cache, return_dict=True)
+            return LossOutput(torch.empty(0), out.past_key_values if use_cache else None)
+
+        return run
 
     def _choose(self, candidates: list[tuple[torch.Tensor, torch.Tensor | None]], state: Any) -> list[int]:
         """Set ``state.delta`` to the best held-out candidate per row; return each row's candidate index."""

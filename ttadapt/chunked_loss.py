@@ -34,6 +34,15 @@ def _chunk_losses(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Ten
     return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="none")
 
 
+def decoder_of(model: nn.Module) -> nn.Module | None:
+    """The model's decoder (everything before the LM head), or None where the model does not expose one."""
+    try:
+        decoder = model.get_decoder()
+    except (AttributeError, NotImplementedError):
+        return None
+    return decoder if isinstance(decoder, nn.Module) and decoder is not model else None
+
+
 class LossHead:
     """The model split as decoder + linear LM head, computing token losses in chunks of ``chunk`` tokens."""
 
@@ -43,17 +52,17 @@ class LossHead:
     @classmethod
     def for_model(cls, model: nn.Module, probe: torch.Tensor, chunk: int = 256) -> LossHead | None:
         """A LossHead if ``lm_head(decoder(x))`` equals the model's logits on ``probe`` ids; else None."""
+        decoder = decoder_of(model)
         try:
-            decoder = model.get_decoder()
             head = model.get_output_embeddings()
         except (AttributeError, NotImplementedError):
             return None
-        if not isinstance(decoder, nn.Module) or not isinstance(head, nn.Linear):
+        if decoder is None or not isinstance(head, nn.Linear):
             return None
         lh = cls(model, decoder, head, chunk)
         ok = _VERIFIED.get(model)
         if ok is None:
-            ok = lh._reproduces_logits(probe[:1, : min(probe.shape[1], 8)])
+            ok = lh._reproduces_logits(probe[:, : min(probe.shape[1], 8)])  # all rows: a per-row state must fit
             _VERIFIED[model] = ok
         return lh if ok else None
 
