@@ -92,8 +92,13 @@ def run_parser() -> argparse.ArgumentParser:
         "--backend", choices=BACKENDS, default="hf", help="generate with transformers (hf) or a vLLM engine (vllm)"
     )
     p.add_argument("--max-model-len", type=int, default=None, help="context limit for prompts and the vLLM engine")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="examples generated per call, left-padded (default 1); with --backend hf part of the run identity",
+    )
     v = p.add_argument_group("vLLM backend (--backend vllm)")
-    v.add_argument("--batch-size", type=int, default=1, help="examples per vLLM call (default 1)")
     v.add_argument("--trainer", choices=TRAINERS, default="hf", help="reroute trainer: HF gradient steps or search")
     v.add_argument(
         "--search-set",
@@ -145,6 +150,8 @@ def _run(argv: Sequence[str]) -> int:
         specs.append(parse_method(m, **fields))
     sandbox = SandboxLimits(timeout_s=args.timeout, memory_mb=args.memory_mb, workers=args.workers)
     options = _vllm_options(args)
+    if args.batch_size < 1:  # before loading the model (EvalConfig checks it too)
+        raise ValueError(f"--batch-size must be >= 1 (examples per generation call), got {args.batch_size}")
     if args.threads is not None:
         import torch
 
@@ -183,6 +190,7 @@ def _run(argv: Sequence[str]) -> int:
                 dtype=args.dtype,
                 device=args.device,
                 backend=args.backend,
+                batch_size=args.batch_size,
                 max_model_len=args.max_model_len,
                 vllm=options,
                 write_root_report=False,
@@ -198,13 +206,12 @@ def _vllm_options(args: argparse.Namespace) -> VLLMOptions:
     options = VLLMOptions(
         trainer=args.trainer,
         search=dict(args.search_set),
-        batch_size=args.batch_size,
         gpu_memory_utilization=args.gpu_memory_utilization,
         engine_args=dict(args.vllm_arg),
     )
     if args.backend != "vllm" and options != VLLMOptions():
         raise ValueError(
-            "--batch-size, --trainer, --search-set, --gpu-memory-utilization and --vllm-arg need --backend vllm"
+            "--trainer, --search-set, --gpu-memory-utilization and --vllm-arg need --backend vllm"
         )
     return options
 

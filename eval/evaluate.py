@@ -6,15 +6,18 @@ with per-layer expert usage under each, so the shift is paired per item. With HF
 state comes from ``Rerouter.adapt`` and is handed to ``ttadapt.generate``; with the vLLM backend it
 is the state the first chunk was decoded under (the prompt is adapted once either way).
 
-An example goes through :func:`prepare_example` (prompt), generation (one batch of examples per
-call with the vLLM backend) and :func:`finish_example` (scores, NLL, record).
+An example goes through :func:`prepare_example` (prompt; the reroute methods' prompt adaptation),
+generation (one call per batch of examples, ``EvalConfig.batch_size``) and :func:`finish_example`
+(scores, NLL, record). With HF generation every prompt is adapted alone, never in a batch, so the
+reference NLL and routing counts do not depend on the batch size; the states are stacked per row
+for the batched ``ttadapt.generate`` call.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +26,7 @@ import torch
 from .config import EvalConfig
 from .datasets import Example, TaskData
 from .likelihood import Encoder, continuation_logprobs, fit_left
-from .methods import Generation, example_seed, generate, stops_for, summarize_trace
+from .methods import Generation, example_seed, generate_batch, stops_for, summarize_trace
 from .prompts import Prompt, build_prompt, render, select_shots
 from .routing import RouterSite, count_usage, find_routers
 from .scoring import score_code, score_math, score_mc_generate, score_mc_loglik
@@ -167,41 +170,49 @@ def prepare_example(ctx: EvalContext, index: int, ex: Example) -> Pending:
         "truncated": truncated,
     }
     p = Pending(index, ex, prompt, ids, record, loglik_mc)
-    if spec.rerouting and (loglik_mc or (cfg.nll and ctx.generator is None)):
+    # With HF generation this state is also generate's prefill state (the prompt is adapted once). In
+    # batches it is always adapted here, alone: a prefill round inside the batched call would see the
+    # other rows (RerouteConfig.min_tokens and early_stop look at the whole batch).
+    hf_adapts = ctx.generator is None and (cfg.nll or cfg.batch_size > 1)
+    if spec.rerouting and (loglik_mc or hf_adapts):
         p.state, p.adapt_trace, p.timings["adapt_s"] = _adapt(ctx, ids)
     p.prep_s = time.perf_counter() - t_start
     return p
 
 
 def _generate(ctx: EvalContext, items: Sequence[Pending]) -> list[Generation]:
-    """The method's samples for each example: one vLLM batch, or HF generation one prompt at a time."""
+    """The method's samples for each example: one vLLM call, or one left-padded HF call, for the batch."""
     cfg = ctx.cfg
     stops = stops_for(ctx.data.template)
     seeds = [example_seed(cfg.seed, p.ex.id) for p in items]
     if ctx.generator is not None:
         return ctx.generator.generate([p.ids for p in items], seeds, stops)
-    return [
-        generate(
-            ctx.model,
-            ctx.tokenizer,
-            p.ids,
-            cfg.method,
-            max_new_tokens=cfg.max_new_tokens,
-            stops=stops,
-            seed=seed,
-            reroute_config=ctx.reroute_config,
-            prefill_state=p.state,  # adapted once for the NLL record: generation reuses it
-        )
-        for p, seed in zip(items, seeds)
-    ]
+    return generate_batch(
+        ctx.model,
+        ctx.tokenizer,
+        [p.ids for p in items],
+        cfg.method,
+        max_new_tokens=cfg.max_new_tokens,
+        stops=stops,
+        seeds=seeds,
+        reroute_config=ctx.reroute_config,
+        prefill_states=[p.state for p in items],  # adapted once for the NLL record: generation reuses them
+    )
 
 
-def evaluate_batch(ctx: EvalContext, items: Sequence[tuple[int, Example]]) -> list[dict[str, Any]]:
-    """Run the method on a batch of (index, example) and score each; records in the given order."""
+def evaluate_batch(
+    ctx: EvalContext, items: Sequence[tuple[int, Example]], keep: Container[int] | None = None
+) -> list[dict[str, Any]]:
+    """Run the method on a batch of (index, example) and score each; records in the given order.
+
+    ``keep``: the indices to score and return (default: all). The others are only generated, as
+    companions, so that a batch can be re-formed exactly (a resumed run's partly recorded batch).
+    """
+    keep = {i for i, _ in items} if keep is None else keep
     pending = [prepare_example(ctx, i, ex) for i, ex in items]
     generating = [p for p in pending if not p.loglik_mc]
     gens = dict(zip((p.index for p in generating), _generate(ctx, generating) if generating else []))
-    return [finish_example(ctx, p, gens.get(p.index)) for p in pending]
+    return [finish_example(ctx, p, gens.get(p.index)) for p in pending if p.index in keep]
 
 
 def evaluate_example(ctx: EvalContext, index: int, ex: Example) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,32 @@ def _check_engine_len(llm: Any, max_len: int | None) -> None:
         )
 
 
+def batches(
+    every: list[tuple[int, Any]], todo: list[tuple[int, Any]], size: int, *, fixed: bool
+) -> Iterator[tuple[list[tuple[int, Any]], set[int]]]:
+    """The generation calls of a run: (examples to generate together, indices to record).
+
+    ``fixed=False`` (vLLM backend, and runs that generate nothing): the examples still to do, packed
+    ``size`` at a time. ``fixed=True`` (HF generation): the examples at positions ``[g*size,
+    (g+1)*size)`` of the limited canonical order always form call ``g``, so an example's batch mates,
+    hence its float rounding, are the same in a resumed run as in an uninterrupted one. A group that
+    was partly recorded before an interruption is generated whole again and only its missing
+    examples are recorded (at most ``size - 1`` extra generations per resume). A larger ``limit``
+    fills the old last group up, so that group's old records came from a smaller call.
+    """
+    if not fixed or size == 1:
+        for start in range(0, len(todo), size):
+            chunk = todo[start : start + size]
+            yield chunk, {i for i, _ in chunk}
+        return
+    wanted = {i for i, _ in todo}
+    for start in range(0, len(every), size):
+        group = every[start : start + size]
+        keep = {i for i, _ in group if i in wanted}
+        if keep:
+            yield group, keep
+
+
 def run_eval(
     model_path: str | Path,
     task: str,
@@ -110,8 +137,8 @@ def run_eval(
     passed pre-loaded (``model_path`` is then only recorded), and so may the vLLM engine ``llm`` of
     ``backend="vllm"`` (else one is built with ``ttadapt.vllm.make_llm``). ``config`` holds further
     :class:`EvalConfig` fields (``max_new_tokens``, ``mc_mode``, ``sandbox``, ``backend``, ``vllm``,
-    ...). Examples run in batches of ``vllm.batch_size`` (vLLM backend); records are appended one by
-    one. ``stop_after`` stops after that many new examples (to test interruption).
+    ...). Examples are generated ``batch_size`` at a time (:func:`batches`); records are appended one
+    by one. ``stop_after`` stops after that many new examples (to test interruption).
     ``write_root_report=False`` skips rebuilding ``out_dir``'s combined report and plots (the CLI does
     it once after all runs).
     """
@@ -156,10 +183,11 @@ def run_eval(
             ctx.generator = vllm_backend.VLLMGenerator(llm, tokenizer, cfg, hf_model=model, reroute_config=reroute_cfg)
         from tqdm.auto import tqdm
 
-        size = cfg.vllm.batch_size
+        fixed = cfg.backend == "hf" and not loglik  # see batches(): HF batches are fixed groups
+        every = list(iter_limited(data, limit))
         with tqdm(total=len(todo), desc=f"{data.name}/{spec.label}", unit="ex", disable=not progress) as bar:
-            for start in range(0, len(todo), size):
-                for rec in evaluate_batch(ctx, todo[start : start + size]):
+            for group, keep in batches(every, todo, cfg.batch_size, fixed=fixed):
+                for rec in evaluate_batch(ctx, group, keep):
                     append_record(rec_path, rec)
                     done[rec["id"]] = rec
                     bar.update(1)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ttadapt.trace import AdaptationTrace, RoundTrace
+
 from .config import EvalConfig, MethodSpec, VLLMOptions
 from .methods import Generation, decode_sample, truncate_at_stops
 
@@ -87,6 +89,7 @@ class Sample:
     finish_reason: str | None
     chunks: int = 1
     states: list[Any] = field(default_factory=list)
+    rounds: list[Any] = field(default_factory=list)  # the trainer's trace per chunk (RoundTrace with the HF trainer)
 
 
 Decode = Callable[[list[Call]], list[list[Sample]]]
@@ -143,6 +146,7 @@ def decode_all(
             s.finish_reason = extra.finish_reason
             s.chunks += extra.chunks
             s.states += extra.states
+            s.rounds += extra.rounds
 
 
 class PlainDecoder:
@@ -222,7 +226,7 @@ class RerouteDecoder:
             )
             for g in gens:
                 out[members[g.prompt_index]].append(
-                    Sample(list(g.token_ids), g.finish_reason, g.chunks, list(g.states))
+                    Sample(list(g.token_ids), g.finish_reason, g.chunks, list(g.states), list(g.rounds))
                 )
         return out
 
@@ -247,7 +251,18 @@ def reroute_traces(samples: Sequence[Sample], trainer: str) -> tuple[dict[str, A
         if first is None
         else {"backend": "vllm", "trainer": trainer, "rounds": 1, "delta_mean_abs": round(_delta_mean_abs(first), 6)}
     )
+    rounds = [r for r in samples[0].rounds if isinstance(r, RoundTrace)]
+    if rounds:  # the HF trainer's losses, as the HF backend records them (of the first sample)
+        gen.update(_round_numbers(rounds))
+        if prefill is not None:
+            prefill.update(_round_numbers(rounds[:1]))
     return gen, prefill
+
+
+def _round_numbers(rounds: list[RoundTrace]) -> dict[str, Any]:
+    """Loss and guard numbers of ``AdaptationTrace.summary`` over these rounds."""
+    s = AdaptationTrace(rounds=rounds).summary()
+    return {k: s[k] for k in ("adapted_rounds", "kept_rounds", "first_loss", "last_loss", "routing_changed", "events")}
 
 
 def _eos_ids(tokenizer: Any, hf_model: Any) -> set[int]:

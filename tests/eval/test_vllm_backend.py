@@ -115,6 +115,7 @@ def _fake_generate(log: list[dict[str, Any]]) -> Any:
                 finish_reason="length",
                 chunks=2,
                 states=["s0", f"s1-{i}-{j}"],
+                rounds=[],
             )
             for i, p in enumerate(prompts)
             for j in range(kw["n"])
@@ -182,24 +183,23 @@ def test_decode_all_continues_stops_inside_leading_whitespace() -> None:
 def test_vllm_options_validation_and_identity() -> None:
     hf = EvalConfig(task="t")
     assert not {"backend", "vllm", "max_model_len"} & set(hf.identity())  # older run.json files still match
-    base = EvalConfig(task="t", backend="vllm", vllm=VLLMOptions(batch_size=8, gpu_memory_utilization=0.5))
+    base = EvalConfig(task="t", backend="vllm", batch_size=8, vllm=VLLMOptions(gpu_memory_utilization=0.5))
     assert base.identity()["backend"] == "vllm" and base.identity()["vllm"] == {"engine_args": {}}
     rr = EvalConfig(
         task="t", method=MethodSpec("reroute"), backend="vllm", vllm=VLLMOptions(trainer="search", search={"rounds": 2})
     )
     assert rr.identity()["vllm"] == {"engine_args": {}, "search": {"rounds": 2}, "trainer": "search"}
     # batch size and memory share do not change results; the trainer does
-    assert EvalConfig(task="t", backend="vllm", vllm={"batch_size": 2}).identity() == base.identity()
+    assert EvalConfig(task="t", backend="vllm", batch_size=2).identity() == base.identity()
     assert EvalConfig(task="t", method=MethodSpec("reroute"), backend="vllm").identity() != rr.identity()
     for kwargs, msg in [
-        (dict(vllm=VLLMOptions(batch_size=2)), "need backend='vllm'"),
+        (dict(vllm=VLLMOptions(trainer="search")), "need backend='vllm'"),
         (dict(backend="tgi"), "backend must be"),
         (dict(max_model_len=1), "max_model_len"),
     ]:
         with pytest.raises(ValueError, match=msg):
             EvalConfig(task="t", **kwargs)
     for kwargs, msg in [
-        (dict(batch_size=0), "batch_size"),
         (dict(trainer="adam"), "trainer must be"),
         (dict(search={"rounds": 1}), "trainer='search'"),
         (dict(trainer="search", search={"bogus": 1}), "bad search setting"),
@@ -252,9 +252,9 @@ def test_runner_batches_resume_and_seeds_with_a_fake_engine(
 
     big = FakeLLM(tok)
     part = tmp_path / "part"
-    run_eval(str(tiny_random_dir), task, spec, None, 4, part, llm=big, stop_after=2, vllm={"batch_size": 3}, **kw)
+    run_eval(str(tiny_random_dir), task, spec, None, 4, part, llm=big, stop_after=2, batch_size=3, **kw)
     assert (big.calls, len(_records(part, spec.label))) == (1, 2)  # one call, records appended per example
-    run_eval(str(tiny_random_dir), task, spec, None, 4, part, llm=big, vllm={"batch_size": 2}, **kw)
+    run_eval(str(tiny_random_dir), task, spec, None, 4, part, llm=big, batch_size=2, **kw)
     assert (big.calls, len(big.requests)) == (2, 3)  # nothing generated twice
     assert _records(part, spec.label) == _records(tmp_path / "one", spec.label)
     one = run_dir_for(tmp_path / "one", "jsonl:mc", spec.label) / "report.json"
@@ -315,7 +315,7 @@ def test_cli_rejects_vllm_options_without_the_backend(
     tmp_path: Path, tiny_random_dir: Path, local_tasks: dict[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["--model", str(tiny_random_dir), "--task", local_tasks["code"], "--out", str(tmp_path)]
-    assert main([*argv, "--batch-size", "4"]) == 2
+    assert main([*argv, "--trainer", "search"]) == 2  # (--batch-size serves both backends)
     assert "need --backend vllm" in capsys.readouterr().err
     assert main([*argv, "--backend", "vllm", "--vllm-arg", "seed=3"]) == 2
     assert "seed (use --seed)" in capsys.readouterr().err

@@ -122,10 +122,10 @@ def _records(out: Path, task: str, label: str) -> list[dict[str, Any]]:
 def test_base_greedy_equals_hf_backend(
     vt: Any, hf: tuple[Any, Any], llm: Any, tasks: dict[str, str], tmp_path: Path
 ) -> None:
-    opts = VLLMOptions(batch_size=3)  # 4 code items: batches of 3 and 1
     for kind, kw in (("code", {"max_new_tokens": 24}), ("mc", {"mc_mode": "generate"})):
         _run(vt, hf, tasks[kind], "base", tmp_path / "hf", **kw)
-        _run(vt, hf, tasks[kind], "base", tmp_path / "vllm", llm=llm, backend="vllm", vllm=opts, **kw)
+        # 4 code items in vLLM batches of 3 and 1
+        _run(vt, hf, tasks[kind], "base", tmp_path / "vllm", llm=llm, backend="vllm", batch_size=3, **kw)
         a, b = _records(tmp_path / "hf", tasks[kind], "base"), _records(tmp_path / "vllm", tasks[kind], "base")
         assert len(a) == len(b) > 2
         assert a == b  # outputs, new-token counts, scores, reference NLL
@@ -152,12 +152,16 @@ def test_reroute_equals_hf_backend(
     for x, y in zip(a, b):
         want = x["trace"]["prefill_adapt"]["delta_mean_abs"]
         assert y["trace"]["prefill_adapt"]["delta_mean_abs"] == pytest.approx(want)
+        # The HF trainer's per-round losses reach the record: same prefill fit loss, same last round's.
+        assert y["trace"]["prefill_adapt"]["first_loss"] == pytest.approx(x["trace"]["prefill_adapt"]["first_loss"])
+        assert y["trace"]["generate"]["adapted_rounds"] == 3
+        assert y["trace"]["generate"]["last_loss"] == pytest.approx(x["trace"]["generate"]["last_loss"], rel=1e-4)
 
 
 def test_reroute_sc_with_zero_steps_equals_sc(
     vt: Any, hf: tuple[Any, Any], llm: Any, tasks: dict[str, str], tmp_path: Path
 ) -> None:
-    kw = dict(llm=llm, backend="vllm", vllm=VLLMOptions(batch_size=2), seed=7)
+    kw = dict(llm=llm, backend="vllm", batch_size=2, seed=7)
     sc = MethodSpec("sc", samples=3)
     rsc = MethodSpec("reroute+sc", samples=3, reroute_overrides={"steps": 0})
     _run(vt, hf, tasks["code"], sc, tmp_path, **kw)
@@ -180,7 +184,7 @@ def test_resumed_run_reproduces_report_bytes(
         samples=2,
         reroute_overrides={"steps": 2, "interval": 6, "lr": 0.5, "guard": False, "min_tokens": 1},
     )
-    kw = dict(llm=llm, backend="vllm", vllm=VLLMOptions(batch_size=2), max_new_tokens=14)
+    kw = dict(llm=llm, backend="vllm", batch_size=2, max_new_tokens=14)
     _run(vt, hf, tasks["code"], spec, tmp_path / "full", **kw)
     _run(vt, hf, tasks["code"], spec, tmp_path / "part", stop_after=1, **kw)
     assert len(_records(tmp_path / "part", tasks["code"], spec.label)) == 1
@@ -203,9 +207,10 @@ def test_search_trainer_state_scores_the_nll(
     vt: Any, hf: tuple[Any, Any], llm: Any, tasks: dict[str, str], tmp_path: Path
 ) -> None:
     search = {"rounds": 2, "candidates": 4, "guard": False, "min_tokens": 1}
-    opts = VLLMOptions(trainer="search", search=search, batch_size=2)
+    opts = VLLMOptions(trainer="search", search=search)
     spec = MethodSpec("reroute", reroute_overrides={"interval": 8})
-    _run(vt, hf, tasks["code"], spec, tmp_path, llm=llm, backend="vllm", vllm=opts, limit=2, max_new_tokens=12)
+    _run(vt, hf, tasks["code"], spec, tmp_path, llm=llm, backend="vllm", vllm=opts, batch_size=2, limit=2,
+         max_new_tokens=12)
     recs = _records(tmp_path, tasks["code"], spec.label)
     assert [r["trace"]["generate"]["trainer"] for r in recs] == ["search", "search"]
     assert all(r["trace"]["prefill_adapt"]["delta_mean_abs"] > 0 for r in recs)
@@ -231,6 +236,6 @@ def test_run_identity_rejects_another_backend(
         limit=2,
         llm=llm,
         backend="vllm",
-        vllm=VLLMOptions(batch_size=2),
+        batch_size=2,
     )
     assert len(_records(tmp_path / "vllm", tasks["code"], "base")) == 2

@@ -53,6 +53,7 @@ class VLLMGeneration:
     finish_reason: str | None = None
     states: list[RouterState] = field(default_factory=list)  # the vector of each chunk, in order
     chunks: int = 0
+    rounds: list[Any] = field(default_factory=list)  # the trainer's trace of each chunk's adaptation (RoundTrace: hf)
     prompt_index: int = 0
     sample_index: int = 0
 
@@ -150,11 +151,13 @@ def generate(
         return [[Decoded([int(t) for t in o.token_ids], o.finish_reason) for o in group] for group in samples]
 
     run_chunks(loop, adapter.adapt, adapter.fork, decode)
+    traces: Mapping[tuple[int, int], Any] = getattr(adapter, "traces", None) or {}
     return [
         VLLMGeneration(
             prompt_token_ids=loop.prompts[s.prompt_index], token_ids=s.tokens, finish_reason=s.finish_reason,
             text=None if tokenizer is None else tokenizer.decode(s.tokens), states=states[k], chunks=s.chunks,
             prompt_index=s.prompt_index, sample_index=s.sample_index,
+            rounds=[t for c in range(s.chunks) if (t := traces.get((s.prompt_index * n, 0) if c == 0 else (k, c)))],
         )
         for k, s in enumerate(loop.seqs)
     ]
