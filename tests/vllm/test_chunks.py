@@ -131,6 +131,8 @@ def test_stop_strings_find_the_token_completing_a_straddling_stop() -> None:
     assert stop(_tok("endab" + "cd"), 5) is None  # a stop wholly before the chunk is not this chunk's
     assert stop(_tok("abc" + "dfg"), 3) is None
     assert StopStrings([], _letters)(_tok("end"), 1) is None
+    assert stop.find(_tok("abcx" + "yzen"), 4) == (3, 5, "xy")  # where it is in the text, for the server's cut
+    assert stop.find(_tok("abcen" + "dxyz"), 5) == (3, 6, "end")
 
 
 def test_a_stop_straddling_two_chunks_ends_the_sequence() -> None:

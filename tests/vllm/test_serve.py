@@ -246,6 +246,22 @@ def test_reroute_chunked_equals_hf_ttadapt_generate(server: Server, vt: Any, hf_
     assert obj["choices"][0]["text"] == _decode(server.model, got)  # chunk texts concatenated
 
 
+def test_reroute_chunked_ends_at_a_stop_string_straddling_two_chunks(server: Server, vt: Any) -> None:
+    p, fields = vt.PROMPTS[2], dict(REROUTE, interval=4)
+    ids = _ids(server.complete(p, max_tokens=10, ttadapt={"reroute": fields}))
+    head, tail = _decode(server.model, ids[:4]), _decode(server.model, ids[:5])  # chunk 2 starts at token 4
+    stop = head[-1:] + tail[len(head):len(head) + 1]
+    assert len(ids) == 10 and len(stop) == 2 and stop not in head
+    for keep in (False, True):
+        obj = server.complete(p, max_tokens=10, stop=[stop], include_stop_str_in_output=keep,
+                              ttadapt={"reroute": fields})
+        ch = obj["choices"][0]
+        assert _ids(obj) == ids[:5] and obj["usage"]["completion_tokens"] == 5
+        assert ch["finish_reason"] == "stop" and ch["stop_reason"] == stop
+        assert ch["text"] == tail[: tail.index(stop) + (len(stop) if keep else 0)]
+        assert len(obj["ttadapt"]["rounds"]) == 2
+
+
 def _decode(model: str, ids: list[int]) -> str:
     from transformers import AutoTokenizer
 

@@ -171,14 +171,20 @@ class StopStrings:
         self.decode = decode
 
     def __call__(self, tokens: list[int], before: int) -> int | None:
+        hit = self.find(tokens, before)
+        if hit is None:
+            return None
+        end = hit[1]
+        return next((k for k in range(before + 1, len(tokens)) if len(self.decode(tokens[:k])) >= end), len(tokens))
+
+    def find(self, tokens: list[int], before: int) -> tuple[int, int, str] | None:
+        """The earliest stop (by end) that ends after the text of ``tokens[:before]``: (start, end, stop) in
+        the text of ``tokens``, or None."""
         if not self.stops:
             return None
         text, old = self.decode(tokens), len(self.decode(tokens[:before]))
-        ends = [i + len(s) for s in self.stops if (i := text.find(s, max(0, old - len(s) + 1))) >= 0]
-        if not ends:
-            return None
-        end = min(ends)
-        return next((k for k in range(before + 1, len(tokens)) if len(self.decode(tokens[:k])) >= end), len(tokens))
+        hits = [(i, i + len(s), s) for s in self.stops if (i := text.find(s, max(0, old - len(s) + 1))) >= 0]
+        return min(hits, key=lambda h: (h[1], h[0])) if hits else None
 
 
 Decode = Callable[[list[ChunkRequest]], list[list[Decoded]]]

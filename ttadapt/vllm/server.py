@@ -19,6 +19,7 @@ Requests without a ``ttadapt`` field pass through unchanged.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import uuid
@@ -26,7 +27,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ttadapt.vllm.chunks import ChunkLoop, ChunkRequest, Decoded, arun_chunks
+from ttadapt.vllm.chunks import ChunkLoop, ChunkRequest, Decoded, StopStrings, arun_chunks
 from ttadapt.vllm.http_schema import FIELD, RequestError, RequestSpec, parse_request
 from ttadapt.vllm.payload import AUTO_SALT_KEY, PAYLOAD_KEY, payload_salt
 from ttadapt.vllm.runtime import EngineScorer, ServerRuntime, current_runtime
@@ -143,6 +144,23 @@ class _Handler:
         extra = _stale_salt(body, spec)
         await self._forward(body, payload, summary, extra)
 
+    async def _stop_strings(self, body: dict[str, Any]) -> StopStrings | None:
+        """The request's stop strings, decoded as vLLM decodes its output text (None: none, or no tokenizer)."""
+        stop = body.get("stop")
+        stops = [stop] if isinstance(stop, str) else [x for x in stop if isinstance(x, str)] if isinstance(stop, list) else []
+        if not stops:
+            return None
+        engine = getattr(getattr(self.inner.scope.get("app"), "state", None), "engine_client", None)
+        get = getattr(engine, "get_tokenizer", None)
+        tokenizer = get() if callable(get) else None
+        if inspect.isawaitable(tokenizer):
+            tokenizer = await tokenizer
+        if tokenizer is None:
+            logger.warning("ttadapt: no tokenizer in the engine client; stop strings straddling chunks go unseen")
+            return None
+        skip = bool(body.get("skip_special_tokens", True))
+        return StopStrings(stops, lambda ids: tokenizer.decode(ids, skip_special_tokens=skip))
+
     def _scorer(self) -> EngineScorer:
         """The search's scorer: this server's own engine client (what vLLM's endpoints submit to)."""
         engine = getattr(getattr(self.inner.scope.get("app"), "state", None), "engine_client", None)
@@ -209,11 +227,14 @@ class _Handler:
         rt, cfg = self.runtime, spec.reroute
         assert cfg is not None and cfg.interval is not None
         n = int(body.get("n") or 1)
+        stop_at = await self._stop_strings(body)
         loop = ChunkLoop([ids], n=n, max_tokens=int(body.get("max_tokens", _DEFAULT_MAX_TOKENS)),
-                         interval=cfg.interval, min_tokens=int(body.get("min_tokens") or 0), seed=body.get("seed"))
+                         interval=cfg.interval, min_tokens=int(body.get("min_tokens") or 0), seed=body.get("seed"),
+                         stop_at=stop_at)
         extra = _stale_salt(body, spec)
         texts: list[str] = [""] * n
         stops: list[Any] = [None] * n
+        ran_out = [False] * n  # the inner request of the sequence's last chunk stopped at its length
         rounds: list[list[dict[str, Any]]] = [[] for _ in range(n)]
         head: tuple[dict[str, Any], list[tuple[bytes, bytes]]] | None = None  # the first chunk's response
 
@@ -233,6 +254,7 @@ class _Handler:
                 for k, ch in zip(req.seqs, choices):
                     texts[k] += ch.get("text") or ""
                     stops[k] = ch.get("stop_reason")
+                    ran_out[k] = ch.get("finish_reason") == "length"
                     rounds[k].append(record)
                 out.append([Decoded([int(t) for t in ch.get("token_ids") or []], ch.get("finish_reason"))
                             for ch in choices])
@@ -247,6 +269,9 @@ class _Handler:
         obj, headers = head
         choices = sorted(obj["choices"], key=lambda c: c.get("index", 0))
         want_ids = bool(body.get("return_token_ids"))
+        for k, s in enumerate(loop.seqs):
+            if stop_at is not None and ran_out[k] and s.finish_reason == "stop":  # a stop straddling two chunks
+                texts[k], stops[k] = _cut_at_stop(stop_at, s.tokens, len(s.tokens) - s.last_got, body)
         for k, (s, ch) in enumerate(zip(loop.seqs, choices)):
             ch.update(text=texts[k], finish_reason=s.finish_reason, stop_reason=stops[k],
                       token_ids=s.tokens if want_ids else None, prompt_token_ids=ids if want_ids else None)
@@ -262,6 +287,16 @@ class _Handler:
             summary["samples"] = [{"index": k, "rounds": r} for k, r in enumerate(rounds)]
         obj[FIELD] = summary
         await self.out.json(200, obj, headers)
+
+
+def _cut_at_stop(stop_at: StopStrings, tokens: list[int], before: int, body: dict[str, Any]) -> tuple[str, str | None]:
+    """Text and ``stop_reason`` of a sequence the chunk loop ended at a straddling stop, as vLLM reports a stop
+    within one request: the text ends before the stop string (at its end with ``include_stop_str_in_output``)."""
+    hit = stop_at.find(tokens, before)
+    if hit is None:  # only if decoding a prefix of the tokens is not a prefix of their text
+        return stop_at.decode(tokens), None
+    start, end, stop = hit
+    return stop_at.decode(tokens)[: end if body.get("include_stop_str_in_output") else start], stop
 
 
 def _chunk_body(
