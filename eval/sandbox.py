@@ -59,6 +59,10 @@ class SandboxLimits:
         return d
 
 
+#: What the sandbox's temporary directory is called in a program's output.
+SANDBOX_DIR = "<sandbox>"
+
+
 @dataclass(frozen=True)
 class ExecResult:
     """Outcome of one sandboxed program; ``passed`` means it exited 0 within its limits."""
@@ -208,7 +212,8 @@ def run_program(source: str, limits: SandboxLimits | None = None) -> ExecResult:
             finally:
                 _kill_group(proc.pid)  # anything the program left behind in its session
         duration = time.monotonic() - start
-        stdout, stderr = _tail(out_path), _tail(err_path)
+        # The temp dir's random name would make records of the same run differ; tracebacks name "<sandbox>".
+        stdout, stderr = (_tail(p).replace(tmp, SANDBOX_DIR) for p in (out_path, err_path))
     status: Status
     if timed_out or rc == -signal.SIGXCPU:
         status = "timeout"

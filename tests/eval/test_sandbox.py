@@ -21,6 +21,10 @@ def test_passing_and_failing_programs() -> None:
     bad = run_program("assert 1 == 2", FAST)
     assert not bad.passed and bad.status == "failed" and "AssertionError" in bad.stderr
     assert run_program("import sys; sys.exit(3)", FAST).returncode == 3
+    # Tracebacks name the sandbox, not its random temp dir, so the same program gives the same record.
+    again = run_program("assert 1 == 2", FAST)
+    assert '"<sandbox>/guard.py"' in bad.stderr and "ttadapt-sbx-" not in bad.stderr
+    assert again.stderr == bad.stderr
 
 
 def test_infinite_loop_is_killed_within_timeout() -> None:
