@@ -136,6 +136,47 @@ def test_batch_rows_equal_each_row_alone() -> None:
     assert torch.equal(out[1, 14:], alone_b[0, 9:])
 
 
+def _early_eos(out: torch.Tensor, start: int, within: int) -> tuple[int, int]:
+    """(row, token): a token that row emits among its first ``within`` new tokens and no row emits elsewhere."""
+    new = out[:, start:]
+    for r in range(new.shape[0]):
+        for p in range(1, within):
+            t = int(new[r, p])
+            others = torch.cat([new[r, :p], new[:r].flatten(), new[r + 1:].flatten()])
+            if not bool((others == t).any()):
+                return r, t
+    raise AssertionError("no token ends exactly one row early: pick another seed")
+
+
+@pytest.mark.parametrize("regrow", [True, False])
+def test_finished_rows_stop_adapting_and_live_rows_equal_each_row_alone(
+    monkeypatch: pytest.MonkeyPatch, regrow: bool
+) -> None:
+    model = _olmoe(15)
+    batch, cfg = _ids(16, 10, batch=3), FAST.replace(interval=3)
+    kw = dict(max_new_tokens=9, do_sample=False, pad_token_id=0)
+    row, eos = _early_eos(ttadapt.generate(model, batch, reroute=cfg, **kw), 10, 3)
+    sizes: list[int] = []
+    run = RoundRunner.run
+
+    def counted(self: RoundRunner, ids: torch.Tensor, *a: object, **k: object) -> object:
+        sizes.append(ids.shape[0])
+        return run(self, ids, *a, **k)
+
+    monkeypatch.setattr(RoundRunner, "run", counted)
+    if not regrow:  # a cache kind that cannot take rows back: generate prefills every row instead
+        monkeypatch.setattr(ttadapt.generation, "expand_rows", lambda *a: False)
+    out, trace = ttadapt.Rerouter(model, cfg).generate(batch, eos_token_id=eos, return_trace=True, **kw)
+    live = [r for r in range(3) if r != row]
+    assert sizes == [3, 2, 2] and [t.rows for t in trace.rounds] == [None, live, live]
+    assert all(len(t.rows_selected) == 2 for t in trace.rounds[1:])
+    for r in range(3):
+        alone = ttadapt.generate(model, batch[r:r + 1], reroute=cfg, eos_token_id=eos, **kw)[0, 10:]
+        got = out[r, 10:]
+        assert torch.equal(got[: len(alone)], alone) and bool((got[len(alone):] == 0).all())
+    assert eos in out[row, 10:13].tolist()  # the early row ended inside the first chunk
+
+
 def test_adapt_returns_per_row_state_matching_single_rows() -> None:
     model = _olmoe(14)
     ids = _ids(15, 16, batch=2)

@@ -18,6 +18,7 @@ from torch import nn
 from ttadapt.adapt import RoundResult, RoundRunner
 from ttadapt.config import RerouteConfig
 from ttadapt.handle import PatchHandle, get_handle, patch
+from ttadapt.layer_skip import expand_rows
 from ttadapt.state import RouterState
 from ttadapt.static_decode import StaticDecodeCache, wants_static
 from ttadapt.trace import AdaptationTrace, RoundTrace
@@ -233,7 +234,7 @@ class Rerouter:
                         break
                     stale = out.past_key_values if cfg.kv_policy == "stale" else None
                     cache = out = None  # the round rebuilds the cache: do not hold two
-                    res = runner.run(ids, mask, prompt_len, want_cache=True, stale_cache=stale)
+                    res = _round(runner, handle, ids, mask, prompt_len, stale, finished)
                     trace.rounds.append(res.trace)
                     cache = res.cache
                 trace.generated = produced
@@ -248,6 +249,29 @@ class Rerouter:
                 setattr(out, key, tuple(values))  # every chunk's steps, not only the last chunk's
         result = out if want_dict else ids
         return (result, trace) if return_trace else result
+
+
+def _round(
+    runner: RoundRunner, handle: PatchHandle, ids: torch.Tensor, mask: torch.Tensor, prompt_len: int,
+    stale: Any, finished: torch.Tensor,
+) -> RoundResult:
+    """A round between chunks on the unfinished rows only: finished ones keep their state, cost nothing and
+    get zero KV (their tokens are forced to padding). Where the cache cannot be regrown to every row, the
+    round returns none and ``generate`` prefills all rows under the new state (exact, one forward more)."""
+    state = handle.state
+    if not bool(finished.any()) or state.batch_size != ids.shape[0]:
+        return runner.run(ids, mask, prompt_len, want_cache=True, stale_cache=stale)
+    live = (~finished).nonzero().flatten()
+    with handle.use_state(state.select_rows(live)):
+        res = runner.run(ids[live], mask[live], prompt_len, want_cache=True, stale_cache=stale)
+        adapted = handle.state.delta.detach()
+    with torch.no_grad():
+        state.delta.index_copy_(1, live.to(state.device), adapted)
+    state.refresh()
+    res.trace.rows = live.tolist()
+    if res.cache is not None and res.cache is not stale and not expand_rows(res.cache, live, ids.shape[0]):
+        res.cache = None
+    return res
 
 
 def _check_inputs(input_ids: Any, attention_mask: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -83,6 +83,20 @@ def truncate_cache(cache: Any, first: int) -> bool:
     return True
 
 
+def expand_rows(cache: Any, rows: torch.Tensor, batch: int) -> bool:
+    """Grow a DynamicCache over ``rows`` of a ``batch`` in place: its rows go to ``rows``, the others get zero
+    KV (finished sequences, whose tokens are forced to padding). False (cache untouched) if unsupported."""
+    if not _is_plain_dynamic(cache):
+        return False
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            part = getattr(layer, name)
+            whole = part.new_zeros((batch, *part.shape[1:]))
+            setattr(layer, name, whole.index_copy_(0, rows.to(part.device), part))
+            del part
+    return True
+
+
 def _is_plain_dynamic(cache: Any) -> bool:
     layers = getattr(cache, "layers", None)
     return bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)

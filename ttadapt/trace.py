@@ -15,6 +15,7 @@ class RoundTrace:
     skipped: str | None = None  # reason when the round did not adapt
     selected_layers: list[int] = field(default_factory=list)  # union over batch rows
     rows_selected: list[list[int]] = field(default_factory=list)  # per row, when batched
+    rows: list[int] | None = None  # batch rows adapted when some had finished (None: every row)
     confidence: list[float] = field(default_factory=list)
     fit_loss: list[float] = field(default_factory=list)  # per step, before its update
     val_loss: list[float] = field(default_factory=list)  # held-out loss per candidate (guard)
