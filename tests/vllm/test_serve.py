@@ -293,16 +293,25 @@ def test_an_hf_server_also_adapts_with_the_search_on_request(server: Server, vt:
     assert hf["trainer"] == "hf" and "kept_step" in hf["rounds"][0]  # the server's default stays the HF copy
 
 
-def test_chat_reroute_adapts_on_the_rendered_prompt(server: Server, hf_model: Any) -> None:
-    text = "def fibonacci(n):"
-    status, chat, _ = server.post("/v1/chat/completions", {  # interval 4 asked, chat is prefill-only
-        "messages": [{"role": "user", "content": text}], "max_tokens": 8, "temperature": 0.0,
-        "ttadapt": {"reroute": dict(REROUTE, interval=4)}})
+def test_chat_reroute_is_chunked_on_the_rendered_prompt(server: Server) -> None:
+    msgs, fields = [{"role": "user", "content": "def fibonacci(n):"}], dict(REROUTE, interval=4)
+    req = {"messages": msgs, "max_completion_tokens": 10, "temperature": 0.0, "ttadapt": {"reroute": fields}}
+    status, chat, _ = server.post("/v1/chat/completions", dict(req, return_token_ids=True))
     assert status == 200, chat
-    comp = server.complete(text, max_tokens=8, ttadapt={"reroute": dict(REROUTE, interval=None)})
-    assert chat["ttadapt"]["rounds"][0]["state_hash"] == comp["ttadapt"]["rounds"][0]["state_hash"]
-    assert chat["choices"][0]["message"]["content"] == comp["choices"][0]["text"]
-    assert "chat completions" in chat["ttadapt"]["reason"]
+    assert chat["object"] == "chat.completion" and chat["id"].startswith("chatcmpl-")
+    assert chat["ttadapt"]["mode"] == "chunked" and len(chat["ttadapt"]["rounds"]) == 3
+    status, tok, _ = server.post("/tokenize", {"messages": msgs})
+    assert status == 200, tok
+    comp = server.complete(tok["tokens"], max_tokens=10, ttadapt={"reroute": fields})  # the same rendered tokens
+    (choice,) = chat["choices"]
+    assert choice["message"] == {"role": "assistant", "content": comp["choices"][0]["text"]}
+    assert choice["token_ids"] == _ids(comp) and chat["prompt_token_ids"] == tok["tokens"]
+    assert [r["state_hash"] for r in chat["ttadapt"]["rounds"]] == [r["state_hash"] for r in comp["ttadapt"]["rounds"]]
+    assert chat["usage"] == comp["usage"] and choice["finish_reason"] == comp["choices"][0]["finish_reason"]
+    # What one chunk cannot carry keeps the prefill-only mode, said in the summary.
+    status, pre, _ = server.post("/v1/chat/completions", dict(req, logprobs=True))
+    assert status == 200 and pre["ttadapt"]["mode"] == "prefill" and "'logprobs'" in pre["ttadapt"]["reason"]
+    assert pre["ttadapt"]["rounds"][0]["state_hash"] == comp["ttadapt"]["rounds"][0]["state_hash"]
 
 
 # ------------------------------------------------------------------------------------ errors
@@ -353,5 +362,10 @@ def test_openai_sdk_extra_body(server: Server, vt: Any) -> None:
                                     extra_body={"ttadapt": {"state": "rand"}})
     assert out.choices[0].text == server.complete(text, max_tokens=8, ttadapt={"state": "rand"})["choices"][0]["text"]
     assert out.model_extra["ttadapt"]["state"] == "rand"
+    chat = client.chat.completions.create(
+        model=server.model, messages=[{"role": "user", "content": text}], max_tokens=10, temperature=0,
+        extra_body={"ttadapt": {"reroute": dict(REROUTE, interval=4)}})
+    assert chat.model_extra["ttadapt"]["mode"] == "chunked" and chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].message.content and chat.usage.completion_tokens == 10
     with pytest.raises(openai.BadRequestError, match="unknown state"):
         client.completions.create(model=server.model, prompt=text, max_tokens=2, extra_body={"ttadapt": {"state": "x"}})

@@ -226,9 +226,12 @@ class _Handler:
         """The chunk loop of ``ttadapt.vllm.generate`` over the inner app: one inner request per chunk."""
         rt, cfg = self.runtime, spec.reroute
         assert cfg is not None and cfg.interval is not None
+        chat = self.endpoint == "chat"
+        if chat:  # chunks are token-id completions of the rendered prompt; the answer is shaped as a chat one
+            body = _completion_fields(body)
         n = int(body.get("n") or 1)
         stop_at = await self._stop_strings(body)
-        loop = ChunkLoop([ids], n=n, max_tokens=int(body.get("max_tokens", _DEFAULT_MAX_TOKENS)),
+        loop = ChunkLoop([ids], n=n, max_tokens=int(_max_tokens(body, self.endpoint)),
                          interval=cfg.interval, min_tokens=int(body.get("min_tokens") or 0), seed=body.get("seed"),
                          stop_at=stop_at)
         extra = _stale_salt(body, spec)
@@ -240,7 +243,8 @@ class _Handler:
 
         async def decode(reqs: list[ChunkRequest]) -> list[list[Decoded]]:
             nonlocal head
-            calls = [self.inner.call("POST", self.path, _chunk_body(body, r, rt.payload(r.state), extra)) for r in reqs]
+            path = _COMPLETIONS if chat else self.path
+            calls = [self.inner.call("POST", path, _chunk_body(body, r, rt.payload(r.state), extra)) for r in reqs]
             resps = await asyncio.gather(*calls)
             out = []
             for req, resp in zip(reqs, resps):
@@ -280,6 +284,8 @@ class _Handler:
         obj["usage"] = {
             "prompt_tokens": len(ids), "completion_tokens": completion, "total_tokens": len(ids) + completion,
         }
+        if chat:
+            obj = _as_chat(obj, ids if want_ids else None)
         summary.update(mode="chunked", interval=cfg.interval)
         if n == 1:
             summary["rounds"] = rounds[0]
@@ -318,22 +324,71 @@ def _prefill_only_reason(endpoint: str, body: dict[str, Any], spec: RequestSpec,
         return "search rounds=0 (no adaptation)" if spec.trainer == "search" else "steps=0 (no adaptation)"
     if cfg.interval is None:
         return "interval is null (prefill-only requested)"
-    if endpoint != "completions":
-        return "chat completions are adapted on the rendered prompt only (chunked re-adaptation needs /v1/completions)"
     if body.get("stream"):
         return "streaming responses are adapted on the prompt only"
-    if "max_tokens" in body and body["max_tokens"] is None:
-        return "max_tokens is null"
-    max_tokens = body.get("max_tokens", _DEFAULT_MAX_TOKENS)
+    max_tokens = _max_tokens(body, endpoint)
+    if max_tokens is None:
+        return "max_tokens is null (chunked re-adaptation needs a limit: set max_tokens)"
     if not isinstance(max_tokens, int) or max_tokens <= cfg.interval:
         return f"max_tokens ({max_tokens}) <= interval ({cfg.interval}): one chunk"
-    for key in ("echo", "logprobs", "prompt_logprobs", "best_of", "use_beam_search", "suffix"):
+    for key in _UNCHUNKABLE:
         if body.get(key) not in (None, False):
             return f"'{key}' is not supported with chunked re-adaptation"
+    if endpoint == "chat":
+        other = sorted(k for k, v in body.items() if k not in _CHAT_RENDER | _SAMPLING and v not in (None, False))
+        if other:
+            return f"{other} not supported with chunked re-adaptation of chat completions"
     n = body.get("n", 1)
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         return "n is not a positive integer"
     return None
+
+
+# Options a chunk cannot carry: each chunk is its own request, which would restart their state.
+_UNCHUNKABLE = ("echo", "logprobs", "top_logprobs", "prompt_logprobs", "best_of", "use_beam_search", "suffix",
+                "response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                "guided_grammar", "truncate_prompt_tokens")
+# Chat fields the rendering (``/tokenize``) consumes, and sampling fields a chunk's completion request takes.
+_CHAT_RENDER = frozenset({"messages", "add_generation_prompt", "continue_final_message", "add_special_tokens",
+                          "chat_template", "chat_template_kwargs", "documents", "stream", "stream_options"})
+_SAMPLING = frozenset({"model", "max_tokens", "max_completion_tokens", "n", "seed", "temperature", "top_p", "top_k",
+                       "min_p", "stop", "stop_token_ids", "presence_penalty", "frequency_penalty",
+                       "repetition_penalty", "ignore_eos", "min_tokens", "skip_special_tokens",
+                       "spaces_between_special_tokens", "include_stop_str_in_output", "logit_bias", "bad_words",
+                       "allowed_token_ids", "user", "priority", "cache_salt", "vllm_xargs", "return_token_ids"})
+_COMPLETIONS = "/v1/completions"
+
+
+def _max_tokens(body: dict[str, Any], endpoint: str) -> Any:
+    """The request's token limit: chat's ``max_completion_tokens`` (else ``max_tokens``, default none);
+    completions' ``max_tokens`` (default vLLM's 16)."""
+    if endpoint == "chat":
+        limit = body.get("max_completion_tokens")
+        return body.get("max_tokens") if limit is None else limit
+    return body.get("max_tokens", _DEFAULT_MAX_TOKENS)
+
+
+def _completion_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """A chat body's sampling fields as a completion body (the prompt, as token ids, comes per chunk)."""
+    out = {k: v for k, v in body.items() if k in _SAMPLING and k != "max_completion_tokens"}
+    out["max_tokens"] = _max_tokens(body, "chat")
+    return out
+
+
+def _as_chat(obj: dict[str, Any], prompt_ids: list[int] | None) -> dict[str, Any]:
+    """A completion response (concatenated chunks) in the shape of vLLM's chat completion response."""
+    choices = [
+        {"index": ch.get("index", k), "message": {"role": "assistant", "content": ch.get("text") or ""},
+         "logprobs": None, "finish_reason": ch.get("finish_reason"), "stop_reason": ch.get("stop_reason"),
+         **({"token_ids": ch.get("token_ids")} if prompt_ids is not None else {})}
+        for k, ch in enumerate(obj["choices"])
+    ]
+    cid = str(obj.get("id") or uuid.uuid4().hex)
+    out = {"id": "chatcmpl-" + cid.removeprefix("cmpl-"), "object": "chat.completion", "created": obj.get("created"),
+           "model": obj.get("model"), "choices": choices, "usage": obj.get("usage")}
+    if prompt_ids is not None:
+        out["prompt_token_ids"] = prompt_ids
+    return out
 
 
 def _stale_salt(body: dict[str, Any], spec: RequestSpec) -> dict[str, Any] | None:
