@@ -246,6 +246,25 @@ def test_reroute_chunked_equals_hf_ttadapt_generate(server: Server, vt: Any, hf_
     assert obj["choices"][0]["text"] == _decode(server.model, got)  # chunk texts concatenated
 
 
+def _stream(server: Server, path: str, body: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    status, obj, headers = server.post(path, dict(body, stream=True))
+    assert status == 200, obj
+    return obj["events"], headers
+
+
+def _joined(events: list[dict[str, Any]], n: int = 1, chat: bool = False) -> list[str]:
+    """Each sample's streamed text."""
+    out = [""] * n
+    for e in events:
+        for c in e["choices"]:
+            out[c["index"]] += (c["delta"].get("content") or "") if chat else c["text"]
+    return out
+
+
+def _finals(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [c for e in events for c in e["choices"] if c["finish_reason"] is not None]
+
+
 def test_reroute_chunked_ends_at_a_stop_string_straddling_two_chunks(server: Server, vt: Any) -> None:
     p, fields = vt.PROMPTS[2], dict(REROUTE, interval=4)
     ids = _ids(server.complete(p, max_tokens=10, ttadapt={"reroute": fields}))
@@ -253,13 +272,52 @@ def test_reroute_chunked_ends_at_a_stop_string_straddling_two_chunks(server: Ser
     stop = head[-1:] + tail[len(head):len(head) + 1]
     assert len(ids) == 10 and len(stop) == 2 and stop not in head
     for keep in (False, True):
-        obj = server.complete(p, max_tokens=10, stop=[stop], include_stop_str_in_output=keep,
-                              ttadapt={"reroute": fields})
+        body = {"prompt": p, "max_tokens": 10, "temperature": 0.0, "stop": [stop], "include_stop_str_in_output": keep,
+                "ttadapt": {"reroute": fields}}
+        want = tail[: tail.index(stop) + (len(stop) if keep else 0)]
+        obj = server.complete(**body)
         ch = obj["choices"][0]
         assert _ids(obj) == ids[:5] and obj["usage"]["completion_tokens"] == 5
-        assert ch["finish_reason"] == "stop" and ch["stop_reason"] == stop
-        assert ch["text"] == tail[: tail.index(stop) + (len(stop) if keep else 0)]
+        assert ch["finish_reason"] == "stop" and ch["stop_reason"] == stop and ch["text"] == want
         assert len(obj["ttadapt"]["rounds"]) == 2
+        events, _ = _stream(server, "/v1/completions", body)  # streamed: the stop's first half is held back
+        assert _joined(events) == [want]
+        assert [(c["finish_reason"], c["stop_reason"]) for c in _finals(events)] == [("stop", stop)]
+
+
+def test_reroute_chunked_streams_token_by_token_with_one_id_and_the_summary_last(server: Server, vt: Any) -> None:
+    p, fields = vt.PROMPTS[2], dict(REROUTE, interval=4)
+    whole = server.complete(p, max_tokens=10, ttadapt={"reroute": fields})
+    body = {"prompt": p, "max_tokens": 10, "temperature": 0.0, "stream_options": {"include_usage": True},
+            "ttadapt": {"reroute": fields}}
+    events, headers = _stream(server, "/v1/completions", body)
+    assert _joined(events) == [whole["choices"][0]["text"]]
+    assert sum(1 for e in events for c in e["choices"] if c["text"]) > 3  # more events than chunks
+    assert len({e["id"] for e in events}) == 1 and events[0]["object"] == "text_completion"
+    (final,) = _finals(events)
+    assert final["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert json.loads(headers["x-ttadapt"])["mode"] == "chunked"
+    (summary,) = [e["ttadapt"] for e in events if "ttadapt" in e]
+    assert [r["state_hash"] for r in summary["rounds"]] == [r["state_hash"] for r in whole["ttadapt"]["rounds"]]
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == whole["usage"]
+    # n samples: each index streams the text of the same seeded non-streamed request.
+    kw = {"prompt": vt.PROMPTS[1], "max_tokens": 10, "n": 2, "temperature": 1.0, "seed": 5,
+          "ttadapt": {"reroute": fields}}
+    both = server.complete(**kw)
+    events, _ = _stream(server, "/v1/completions", kw)
+    assert _joined(events, 2) == [c["text"] for c in sorted(both["choices"], key=lambda c: c["index"])]
+    assert sorted(c["index"] for c in _finals(events)) == [0, 1]
+
+
+def test_chat_reroute_streams_in_chunks(server: Server) -> None:
+    req = {"messages": [{"role": "user", "content": "def fibonacci(n):"}], "max_completion_tokens": 10,
+           "temperature": 0.0, "ttadapt": {"reroute": dict(REROUTE, interval=4)}}
+    status, chat, _ = server.post("/v1/chat/completions", req)
+    assert status == 200, chat
+    events, headers = _stream(server, "/v1/chat/completions", req)
+    assert _joined(events, chat=True) == [chat["choices"][0]["message"]["content"]]
+    assert events[0]["object"] == "chat.completion.chunk" and events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert json.loads(headers["x-ttadapt"])["mode"] == "chunked" and len(_finals(events)) == 1
 
 
 def _decode(model: str, ids: list[int]) -> str:

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ttadapt.vllm.chunk_stream import ChunkStream, SSEParser
 from ttadapt.vllm.chunks import ChunkLoop, ChunkRequest, Decoded, StopStrings, arun_chunks
 from ttadapt.vllm.http_schema import FIELD, RequestError, RequestSpec, parse_request
 from ttadapt.vllm.payload import AUTO_SALT_KEY, PAYLOAD_KEY, payload_salt
@@ -92,6 +93,14 @@ class _InnerFailed(Exception):
     def __init__(self, resp: _Response) -> None:
         super().__init__(resp.status)
         self.resp = resp
+
+
+class _StreamFailed(Exception):
+    """An inner chunk's stream carried an error event."""
+
+    def __init__(self, event: Any) -> None:
+        super().__init__(str(event))
+        self.error = event.get("error", event) if isinstance(event, dict) else event
 
 
 class _Handler:
@@ -227,14 +236,23 @@ class _Handler:
         rt, cfg = self.runtime, spec.reroute
         assert cfg is not None and cfg.interval is not None
         chat = self.endpoint == "chat"
+        streamed, usage = bool(body.get("stream")), bool((body.get("stream_options") or {}).get("include_usage"))
         if chat:  # chunks are token-id completions of the rendered prompt; the answer is shaped as a chat one
             body = _completion_fields(body)
+        body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
         n = int(body.get("n") or 1)
         stop_at = await self._stop_strings(body)
         loop = ChunkLoop([ids], n=n, max_tokens=int(_max_tokens(body, self.endpoint)),
                          interval=cfg.interval, min_tokens=int(body.get("min_tokens") or 0), seed=body.get("seed"),
                          stop_at=stop_at)
         extra = _stale_salt(body, spec)
+        summary.update(mode="chunked", interval=cfg.interval)
+        if streamed:
+            sink = ChunkStream(self._stream_emitter(summary), chat=chat, n=n, model=body.get("model"),
+                               stops=stop_at.stops if stop_at else [], include_usage=usage,
+                               include_stop=bool(body.get("include_stop_str_in_output")))
+            await self._chunked_stream(body, loop, trainer, sink, extra, summary, len(ids))
+            return
         texts: list[str] = [""] * n
         stops: list[Any] = [None] * n
         ran_out = [False] * n  # the inner request of the sequence's last chunk stopped at its length
@@ -286,13 +304,109 @@ class _Handler:
         }
         if chat:
             obj = _as_chat(obj, ids if want_ids else None)
-        summary.update(mode="chunked", interval=cfg.interval)
-        if n == 1:
-            summary["rounds"] = rounds[0]
-        else:
-            summary["samples"] = [{"index": k, "rounds": r} for k, r in enumerate(rounds)]
+        _add_rounds(summary, rounds)
         obj[FIELD] = summary
         await self.out.json(200, obj, headers)
+
+    def _stream_emitter(self, summary: dict[str, Any]) -> Callable[[bytes], Awaitable[None]]:
+        """Writes event bytes to the client, starting the 200 event-stream response (with the summary
+        header as it stands) at the first write, so errors before any text still get their status."""
+
+        async def emit(data: bytes) -> None:
+            if not self.out.started:
+                await self.out.send({"type": "http.response.start", "status": 200, "headers": [
+                    (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+                    (SUMMARY_HEADER.encode(), _compact(summary).encode("latin-1"))]})
+            await self.out.send({"type": "http.response.body", "body": data, "more_body": True})
+
+        return emit
+
+    async def _chunked_stream(
+        self, body: dict[str, Any], loop: ChunkLoop, trainer: ChunkTrainer, sink: ChunkStream,
+        extra: dict[str, Any] | None, summary: dict[str, Any], prompt_tokens: int,
+    ) -> None:
+        """The chunk loop with every chunk streamed through ``sink``; the summary rides on the last sample's
+        final event. A failure after the stream began ends it with an error event, as vLLM does."""
+        rt, n = self.runtime, loop.n
+        stops: list[Any] = [None] * n
+        rounds: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+
+        def uncut_continued() -> None:  # a straddling stop the loop did not take (min_tokens): stream on
+            for k, s in enumerate(loop.seqs):
+                if sink.samples[k].cut is not None and s.finish_reason != "stop":
+                    sink.uncut(k)
+
+        async def one(req: ChunkRequest) -> list[Decoded]:
+            got: dict[int, list[int]] = {k: [] for k in req.seqs}
+            fin: dict[int, str | None] = {k: None for k in req.seqs}
+            for k in req.seqs:
+                sink.chunk_started(k)
+
+            async def on_event(event: Any) -> None:
+                if not isinstance(event, dict) or "error" in event:
+                    raise _StreamFailed(event)
+                if sink.model is None:
+                    sink.model = event.get("model")
+                for ch in event.get("choices") or []:
+                    k = req.seqs[int(ch.get("index", 0))]
+                    got[k].extend(int(t) for t in ch.get("token_ids") or [])
+                    if ch.get("text"):
+                        await sink.text(k, ch["text"])
+                    if ch.get("finish_reason") is not None:
+                        fin[k], stops[k] = ch["finish_reason"], ch.get("stop_reason")
+
+            chunk = dict(_chunk_body(body, req, rt.payload(req.state), extra), stream=True)
+            failed = await self.inner.events(_COMPLETIONS, chunk, on_event)
+            if failed is not None:
+                raise _InnerFailed(failed)
+            record = rt.record(trainer, req.round, req.state)
+            for k in req.seqs:
+                rounds[k].append(record)
+            return [Decoded(got[k], fin[k]) for k in req.seqs]
+
+        async def decode(reqs: list[ChunkRequest]) -> list[list[Decoded]]:
+            uncut_continued()
+            done = await asyncio.gather(*(one(r) for r in reqs), return_exceptions=True)  # none left streaming
+            for d in done:
+                if isinstance(d, BaseException):
+                    raise d
+            return [d for d in done if not isinstance(d, BaseException)]
+
+        try:
+            await arun_chunks(loop, lambda jobs: rt.adapt(trainer, jobs), trainer.fork, decode)
+        except (_InnerFailed, _StreamFailed) as exc:
+            if not self.out.started:
+                if isinstance(exc, _InnerFailed):
+                    await self.out.raw(exc.resp)
+                else:
+                    code = exc.error.get("code") if isinstance(exc.error, dict) else None
+                    await self.out.json(code if isinstance(code, int) and 400 <= code < 600 else 500, {"error": exc.error})
+                return
+            err = exc.error if isinstance(exc, _StreamFailed) else exc.resp.json()
+            await sink.error(json.dumps(err)[:2000], 500)
+            await self.out.send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        except Exception as exc:
+            if not self.out.started:
+                raise
+            logger.exception("ttadapt: streamed chunked request failed")
+            await sink.error(f"ttadapt: {type(exc).__name__}: {exc}", 500)
+            await self.out.send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        uncut_continued()
+        _add_rounds(summary, rounds)
+        for k, s in enumerate(loop.seqs):
+            await sink.finish(k, s.finish_reason, stops[k], extra={FIELD: summary} if k == n - 1 else None)
+        await sink.end(prompt_tokens, sum(len(s.tokens) for s in loop.seqs))
+        await self.out.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _add_rounds(summary: dict[str, Any], rounds: list[list[dict[str, Any]]]) -> None:
+    """Each sample's round records: ``rounds`` for one sample, ``samples`` for ``n > 1``."""
+    if len(rounds) == 1:
+        summary["rounds"] = rounds[0]
+    else:
+        summary["samples"] = [{"index": k, "rounds": r} for k, r in enumerate(rounds)]
 
 
 def _cut_at_stop(stop_at: StopStrings, tokens: list[int], before: int, body: dict[str, Any]) -> tuple[str, str | None]:
@@ -324,8 +438,8 @@ def _prefill_only_reason(endpoint: str, body: dict[str, Any], spec: RequestSpec,
         return "search rounds=0 (no adaptation)" if spec.trainer == "search" else "steps=0 (no adaptation)"
     if cfg.interval is None:
         return "interval is null (prefill-only requested)"
-    if body.get("stream"):
-        return "streaming responses are adapted on the prompt only"
+    if body.get("stream") and body.get("return_token_ids"):
+        return "'return_token_ids' is not supported when streaming with chunked re-adaptation"
     max_tokens = _max_tokens(body, endpoint)
     if max_tokens is None:
         return "max_tokens is null (chunked re-adaptation needs a limit: set max_tokens)"
@@ -462,6 +576,26 @@ class _Inner:
 
         await self.app(self._scope(method, path, body), self._receive(body), send)
         return _Response(status, headers, b"".join(chunks))
+
+    async def events(self, path: str, payload: Any, on_event: Callable[[Any], Awaitable[None]]) -> _Response | None:
+        """A streamed call: each server-sent event's JSON to ``on_event`` as it arrives; the response if not 200."""
+        body = json.dumps(payload).encode()
+        parser, status, headers, chunks = SSEParser(), 500, [], []
+
+        async def send(message: Message) -> None:
+            nonlocal status, headers
+            if message["type"] == "http.response.start":
+                status, headers = int(message["status"]), list(message.get("headers", []))
+            elif message["type"] == "http.response.body":
+                data = message.get("body", b"")
+                if status != 200:
+                    chunks.append(data)
+                    return
+                for event in parser.feed(data):
+                    await on_event(event)
+
+        await self.app(self._scope("POST", path, body), self._receive(body), send)
+        return None if status == 200 else _Response(status, headers, b"".join(chunks))
 
     async def stream(self, path: str, payload: Any, out: _Output, extra_headers: dict[str, str]) -> None:
         body = json.dumps(payload).encode()
