@@ -54,8 +54,8 @@ class StopOnStrings:
     """HF stopping criterion: a row is done once its generated text contains a stop string.
 
     ``ends[row]`` is the row's generated length when that first happened. A finished row of a batch
-    that goes on is padded (or, after a chunk boundary of ``ttadapt.generate``, decodes one more token
-    before it is stopped again), so ``ends`` says where its own tokens end. Rows once done stay done.
+    that goes on is padded (``ttadapt.generate`` keeps it padded in later chunks and leaves it out of
+    later rounds), so ``ends`` says where its own tokens end. Rows once done stay done.
     """
 
     def __init__(self, tokenizer: Any, prompt_len: int, stops: Sequence[str]) -> None:

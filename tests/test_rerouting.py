@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import AutoModelForCausalLM, OlmoeConfig, Qwen3MoeConfig
+from transformers import AutoModelForCausalLM, OlmoeConfig, Qwen3MoeConfig, StoppingCriteria, StoppingCriteriaList
 
 import ttadapt
 from ttadapt.adapt import RoundRunner, position_ids
@@ -175,6 +175,37 @@ def test_finished_rows_stop_adapting_and_live_rows_equal_each_row_alone(
         got = out[r, 10:]
         assert torch.equal(got[: len(alone)], alone) and bool((got[len(alone):] == 0).all())
     assert eos in out[row, 10:13].tolist()  # the early row ended inside the first chunk
+
+
+class _StopRow(StoppingCriteria):
+    """Stops row ``row`` once it has ``after`` new tokens (a stand-in for a stop string)."""
+
+    def __init__(self, row: int, start: int, after: int) -> None:
+        self.row, self.start, self.after = row, start, after
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        done[self.row] = input_ids.shape[1] - self.start >= self.after
+        return done
+
+
+def test_rows_ended_by_stopping_criteria_stay_padded_and_leave_later_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _olmoe(15)
+    batch, cfg = _ids(16, 10, batch=3), FAST.replace(interval=3)
+    kw = dict(max_new_tokens=9, do_sample=False, pad_token_id=0)
+    free = ttadapt.generate(model, batch, reroute=cfg, **kw)
+    sizes: list[int] = []
+    run = RoundRunner.run
+
+    def counted(self: RoundRunner, ids: torch.Tensor, *a: object, **k: object) -> object:
+        sizes.append(ids.shape[0])
+        return run(self, ids, *a, **k)
+
+    monkeypatch.setattr(RoundRunner, "run", counted)
+    out = ttadapt.generate(model, batch, reroute=cfg, stopping_criteria=StoppingCriteriaList([_StopRow(1, 10, 2)]), **kw)
+    assert sizes == [3, 2, 2]
+    assert torch.equal(out[1, 10:12], free[1, 10:12]) and bool((out[1, 12:] == 0).all())  # no token after the stop
+    assert torch.equal(out[0::2], free[0::2])  # the other rows as without the stop
 
 
 def test_adapt_returns_per_row_state_matching_single_rows() -> None:

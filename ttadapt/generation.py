@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ttadapt.adapt import RoundResult, RoundRunner
 from ttadapt.config import RerouteConfig
@@ -37,6 +38,21 @@ class _FinishedRows:
         forced = torch.full_like(scores, float("-inf"))
         forced[:, self.pad_id] = 0.0
         return torch.where(self.finished[:, None].to(scores.device), forced, scores)
+
+
+class _RecordStops(StoppingCriteria):
+    """The caller's stopping criteria, also marking the rows they stop as finished: a row a stop string
+    ended stays padded in later chunks and leaves later rounds, as a row that emitted EOS does."""
+
+    def __init__(self, inner: Any, finished: torch.Tensor) -> None:
+        self.inner = StoppingCriteriaList(inner) if isinstance(inner, (list, tuple)) else inner
+        self.finished = finished
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        done = torch.as_tensor(self.inner(input_ids, scores, **kwargs), dtype=torch.bool, device=input_ids.device)
+        done = done.expand(input_ids.shape[0])
+        self.finished |= done.to(self.finished.device)
+        return done
 
 
 class _ChunkStreamer:
@@ -197,6 +213,7 @@ class Rerouter:
                     gen.num_return_sequences = 1
                 finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
                 procs = [_FinishedRows(finished, pad_id), *logits_processor]
+                criteria = StoppingCriteriaList([_RecordStops(stopping, finished)]) if stopping else None
                 produced, out = 0, None
                 steps_out: dict[str, list[Any]] = {}  # per-token outputs of every chunk (scores, logits, ...)
                 while True:
@@ -213,7 +230,7 @@ class Rerouter:
                         past_key_values=cache,
                         generation_config=gen,
                         logits_processor=procs,
-                        stopping_criteria=stopping,
+                        stopping_criteria=criteria,
                         streamer=stream,
                     )
                     trace.decode_time += time.perf_counter() - t0
