@@ -65,3 +65,33 @@ def test_bench_vllm_methods_parse_and_need_vllm() -> None:
     if importlib.util.find_spec("vllm") is None:
         with pytest.raises(SystemExit, match="need vLLM"):
             main(["time", "--model", "tiny", "--methods", "vllm-paper"])
+
+
+def test_bench_self_consistency_batched_vs_separate_calls(tmp_path: Path) -> None:
+    import argparse
+
+    import torch
+
+    from ttadapt.eval.bench.cli import _runner, build_parser, check_method, main
+    from ttadapt.eval.bench.models import build
+
+    assert check_method("paper:steps=2@seq") == "paper:steps=2@seq"
+    with pytest.raises(argparse.ArgumentTypeError, match="HF methods only"):
+        check_method("vllm-paper@seq")
+    with pytest.raises(SystemExit, match="give --samples"):
+        main(["time", "--model", "tiny", "--methods", "paper@seq"])
+    args = build_parser().parse_args(["time", "--samples", "3", "--interval", "3"])
+    model, vocab = build("tiny", device="cpu", dtype=torch.float32)
+    ids = torch.randint(2, vocab, (1, 12), generator=torch.Generator().manual_seed(0))
+    out, trace = _runner(model, "paper", ids, 6, args)()
+    assert out.shape == (3, 18) and trace.rounds[1].rows is None and len(trace.rounds[1].rows_selected) == 3
+    calls, phases = _runner(model, "paper@seq", ids, 6, args)()
+    assert [o.shape for o, _ in calls] == [(1, 18)] * 3  # three prefill adaptations, one per call
+    assert phases["steps"] == pytest.approx(sum(sum(r.times.get("steps", 0) for r in t.rounds) for _, t in calls))
+    rc = main(["time", "--model", "tiny", "--context", "12", "--new-tokens", "6", "--repeats", "1", "--warmup", "0",
+               "--samples", "3", "--interval", "3", "--methods", "plain", "plain@seq", "paper", "paper@seq",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["env"]["samples"] == 3 and len(data["timing"]) == 4
+    assert "3 sampled sequences per run" in (tmp_path / "bench.md").read_text()

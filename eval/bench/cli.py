@@ -29,8 +29,16 @@ METHODS = ("plain", "paper", "paper-naive", "paper-last", "paper-last-naive", "f
 # "paper-last": paper settings adapting the last half of the MoE layers (where the no-grad prefix pays off).
 
 
+SEQ = "@seq"  # method suffix: the --samples K samples as K separate calls (the unbatched "before")
+
+
 def check_method(method: str) -> str:
-    """argparse type: a known method, optionally with RerouteConfig overrides ``default:steps=2``."""
+    """argparse type: a known method, optionally with RerouteConfig overrides ``default:steps=2`` and, for
+    HF methods, ``@seq`` (``paper@seq``: the ``--samples`` as separate calls)."""
+    if method.endswith(SEQ):
+        if is_vllm(method.removesuffix(SEQ)):
+            raise argparse.ArgumentTypeError(f"{method}: {SEQ} applies to HF methods only")
+        return check_method(method.removesuffix(SEQ)) + SEQ
     name = method.split(":", 1)[0]
     if name not in METHODS + VLLM_METHODS:
         raise argparse.ArgumentTypeError(f"unknown method {name!r}; choose from {', '.join(METHODS + VLLM_METHODS)}")
@@ -81,13 +89,40 @@ def _config(method: str, args: argparse.Namespace) -> Any:
 
 
 def _runner(model: Any, method: str, ids: torch.Tensor, new: int, args: argparse.Namespace) -> Any:
+    """One run of ``method``: greedy, or with ``--samples K`` K sampled sequences (self-consistency) in one
+    batched call, or, for ``<method>@seq``, in K calls (each its own prefill adaptation)."""
     import ttadapt
 
-    cfg = _config(method, args)
-    kw: dict[str, Any] = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, **decode_kwargs(args.decode))
-    if cfg is None:
-        return lambda: model.generate(ids, **kw)
-    return lambda: ttadapt.generate(model, ids, reroute=cfg, return_trace=True, **kw)
+    k = args.samples
+    seq = method.endswith(SEQ)
+    cfg = _config(method.removesuffix(SEQ), args)
+    kw: dict[str, Any] = dict(max_new_tokens=new, min_new_tokens=new, **decode_kwargs(args.decode))
+    if k > 1:
+        kw.update(do_sample=True, top_k=0, num_return_sequences=1 if seq else k)
+    else:
+        kw.update(do_sample=False)
+
+    def once() -> Any:
+        if cfg is None:
+            return model.generate(ids, **kw)
+        return ttadapt.generate(model, ids, reroute=cfg, return_trace=True, **kw)
+
+    if not seq:
+        return once
+    return lambda: _summed([once() for _ in range(k)])
+
+
+def _summed(results: list[Any]) -> Any:
+    """The phases of several runs added up (what ``interleave`` records for one call)."""
+    if not isinstance(results[0], tuple):
+        return results
+    phases: dict[str, float] = {}
+    for _, trace in results:
+        phases["decode"] = phases.get("decode", 0.0) + trace.decode_time
+        for r in trace.rounds:
+            for name, v in r.times.items():
+                phases[name] = phases.get(name, 0.0) + v
+    return results, phases
 
 
 def decode_kwargs(decode: str) -> dict[str, Any]:
@@ -132,6 +167,7 @@ def _env(args: argparse.Namespace) -> dict[str, Any]:
         "layers": args.layers,
         "dtype": args.dtype,
         "decode": args.decode,
+        "samples": args.samples,
         "vllm": _vllm_version() if any(is_vllm(m) for m in args.methods) else None,
     }
 
@@ -190,7 +226,7 @@ def _worker(args: argparse.Namespace, method: str, ctx: int, measure: str) -> di
            "--dtype", args.dtype, "--measure", measure, "--decode", args.decode] + (["--layers", str(args.layers)] if args.layers else [])
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    for flag in ("steps", "interval", "ratio"):
+    for flag in ("steps", "interval", "ratio", "samples"):
         if getattr(args, flag) is not None:
             cmd += [f"--{flag}", str(getattr(args, flag))]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -247,7 +283,8 @@ def to_markdown(env: dict[str, Any], timing: list[dict[str, Any]], memory: list[
     layers = f" ({env['layers']} layers)" if env["layers"] else ""
     vllm = f", vLLM {env['vllm']}" if env.get("vllm") else ""
     lines = [f"Device: {env['device']}; torch {env['torch']}, transformers {env['transformers']}{vllm}; model {env['model']}"
-             f"{layers}, {env['dtype']}, {env['threads']} threads, {env.get('decode', 'dynamic')} decode.", ""]
+             f"{layers}, {env['dtype']}, {env['threads']} threads, {env.get('decode', 'dynamic')} decode"
+             + (f", {env['samples']} sampled sequences per run." if env.get("samples", 1) > 1 else ", greedy."), ""]
     if timing:
         vl = any(r.get("ratio_vs_vllm") is not None for r in timing)
         phases = ["confidence", "steps", "refit", "refresh"] + (["adapt"] if vl else []) + ["decode"]
@@ -309,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, default=None)
     p.add_argument("--decode", default="dynamic", choices=["dynamic", "static", "compiled"],
                    help="KV cache / decode mode for every method: dynamic (default), static, compiled (static + torch.compile)")
+    p.add_argument("--samples", type=int, default=1,
+                   help="K > 1: K sampled sequences per run (self-consistency) in one batched call; "
+                        "<method>@seq runs them as K calls")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
@@ -326,6 +366,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "_one":
         _one(args)
         return 0
+    if args.samples < 1:
+        raise SystemExit(f"--samples must be >= 1, got {args.samples}")
+    if args.samples > 1 and any(is_vllm(m) for m in args.methods):
+        raise SystemExit("--samples applies to HF methods; drop the vllm methods (vLLM samples with n= itself)")
+    if args.samples == 1 and any(m.endswith(SEQ) for m in args.methods):
+        raise SystemExit(f"{SEQ} methods run the --samples K samples as K calls: give --samples K > 1")
     if "plain" not in args.methods:
         args.methods = ["plain", *args.methods]
     if any(is_vllm(m) for m in args.methods):
