@@ -48,6 +48,25 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)
 
 
+def target_masks(cfg: RerouteConfig, mask: torch.Tensor, prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit mask, held-out mask) over the targets ``[B, T-1]`` of a round on a context with ``mask``."""
+    valid = mask[:, 1:].bool() & mask[:, :-1].bool()
+    idx = torch.arange(1, mask.shape[1], device=mask.device)[None, :]
+    if cfg.loss_mask == "prompt":
+        valid &= idx < prompt_len
+    elif cfg.loss_mask == "generated":
+        valid &= idx >= prompt_len
+    if cfg.max_context is not None:
+        valid &= idx > mask.shape[1] - 1 - cfg.max_context
+    if not cfg.guard:
+        return valid, torch.zeros_like(valid)
+    n = valid.sum(dim=1, keepdim=True)
+    n_val = torch.clamp((n.float() * cfg.val_fraction).round().long(), min=1)
+    rank_from_end = valid.flip(1).cumsum(1).flip(1)  # 1 for the last valid target
+    held = valid & (rank_from_end <= n_val)
+    return valid & ~held, held
+
+
 class RoundRunner:
     """Runs adaptation rounds for one patched model and config."""
 
@@ -57,28 +76,6 @@ class RoundRunner:
         self.cfg = cfg
         self.layers = handle.model.get_submodule(handle.info.spec.layers_path)
         self.loss_head: LossHead | None = None
-
-    # ------------------------------------------------------------------ masks
-    def _target_masks(
-        self, mask: torch.Tensor, prompt_len: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(fit mask, held-out mask) over targets ``[B, T-1]``."""
-        cfg = self.cfg
-        valid = mask[:, 1:].bool() & mask[:, :-1].bool()
-        idx = torch.arange(1, mask.shape[1], device=mask.device)[None, :]
-        if cfg.loss_mask == "prompt":
-            valid &= idx < prompt_len
-        elif cfg.loss_mask == "generated":
-            valid &= idx >= prompt_len
-        if cfg.max_context is not None:
-            valid &= idx > mask.shape[1] - 1 - cfg.max_context
-        if not cfg.guard:
-            return valid, torch.zeros_like(valid)
-        n = valid.sum(dim=1, keepdim=True)
-        n_val = torch.clamp((n.float() * cfg.val_fraction).round().long(), min=1)
-        rank_from_end = valid.flip(1).cumsum(1).flip(1)  # 1 for the last valid target
-        held = valid & (rank_from_end <= n_val)
-        return valid & ~held, held
 
     # ------------------------------------------------------------------ forwards
     def _forward(
@@ -108,7 +105,7 @@ class RoundRunner:
         trace = RoundTrace(position=int(ids.shape[1]))
         x, y, xm = ids[:, :-1], ids[:, 1:], mask[:, :-1]
         pos = position_ids(mask)[:, :-1]
-        fit_m, val_m = self._target_masks(mask, prompt_len)
+        fit_m, val_m = target_masks(cfg, mask, prompt_len)
         fit_f, val_f = fit_m.float(), val_m.float()
         policy = cfg.kv_policy
         if cfg.steps == 0 or int(fit_m.sum(dim=1).min()) < cfg.min_tokens:

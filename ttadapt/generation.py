@@ -117,18 +117,26 @@ class Rerouter:
         attention_mask: torch.Tensor | None = None,
         *,
         prompt_len: int | None = None,
+        start: Sequence[RouterState | None] | None = None,
         return_trace: bool = False,
     ) -> RouterState | tuple[RouterState, AdaptationTrace]:
         """Run one adaptation round on the context and return the resulting state (per-row if B > 1).
 
         ``prompt_len`` (padded length of the prompt part of ``input_ids``; default: all of it) tells
-        ``loss_mask="prompt"``/``"generated"`` where generated tokens start.
+        ``loss_mask="prompt"``/``"generated"`` where generated tokens start. ``start``: per row, a state
+        whose ``delta`` that row warm-starts from (None: the usual start); steering is the usual start's.
         """
         ids, mask = _check_inputs(input_ids, attention_mask)
+        if start is not None and len(start) != ids.shape[0]:
+            raise ValueError(
+                f"start has {len(start)} entries for {ids.shape[0]} rows; give one per row (None: no warm start)"
+            )
         handle, owned = self._handle()
         trace = AdaptationTrace(config=self.config.to_dict())
         try:
             state = self._start_state(handle, ids.shape[0])
+            if start is not None:
+                _warm_rows(state, start)
             with handle.use_state(state):
                 boundary = ids.shape[1] if prompt_len is None else int(prompt_len)
                 res = RoundRunner(self.model, handle, self.config).run(ids, mask, boundary, want_cache=False)
@@ -289,6 +297,19 @@ def _round(
     if res.cache is not None and res.cache is not stale and not expand_rows(res.cache, live, ids.shape[0]):
         res.cache = None
     return res
+
+
+def _warm_rows(state: RouterState, start: Sequence[RouterState | None]) -> None:
+    """Copy each given start's ``delta`` into its row of ``state`` (one shared row when unbatched)."""
+    with torch.no_grad():
+        for j, s in enumerate(start):
+            if s is None:
+                continue
+            if s.batch_size not in (None, 1) or s.delta.shape[0] != state.delta.shape[0]:
+                raise ValueError(f"start[{j}] must be a one-row state of this model, got delta {tuple(s.delta.shape)}")
+            d = s.delta.detach().reshape(state.delta.shape[0], -1).to(state.device)
+            (state.delta[:, j] if state.batch_size is not None else state.delta).copy_(d)
+    state.refresh()
 
 
 def _check_inputs(input_ids: Any, attention_mask: Any) -> tuple[torch.Tensor, torch.Tensor]:
