@@ -148,12 +148,12 @@ def _early_eos(out: torch.Tensor, start: int, within: int) -> tuple[int, int]:
     raise AssertionError("no token ends exactly one row early: pick another seed")
 
 
-@pytest.mark.parametrize("regrow", [True, False])
+@pytest.mark.parametrize(("regrow", "policy"), [(True, "partial"), (False, "partial"), (True, "full"), (True, "stale")])
 def test_finished_rows_stop_adapting_and_live_rows_equal_each_row_alone(
-    monkeypatch: pytest.MonkeyPatch, regrow: bool
+    monkeypatch: pytest.MonkeyPatch, regrow: bool, policy: str
 ) -> None:
     model = _olmoe(15)
-    batch, cfg = _ids(16, 10, batch=3), FAST.replace(interval=3)
+    batch, cfg = _ids(16, 10, batch=3), FAST.replace(interval=3, kv_policy=policy)
     kw = dict(max_new_tokens=9, do_sample=False, pad_token_id=0)
     row, eos = _early_eos(ttadapt.generate(model, batch, reroute=cfg, **kw), 10, 3)
     sizes: list[int] = []
