@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+
+from ttadapt.demo import continuation_nll, span_nll_sum
 
 from .corpora import DATA_DIR, IN_DISTRIBUTION, load_snippets
 
@@ -91,19 +92,6 @@ def encode(tok: Any, text: str, length: int) -> torch.Tensor | None:
     return torch.tensor([ids[:length]], dtype=torch.long)
 
 
-@torch.no_grad()
-def _span_nll_sum(model: Any, ids: torch.Tensor, start: int, end: int) -> float:
-    """Summed next-token cross-entropy of ``ids[:, start:end]`` given everything before it."""
-    logits = model(input_ids=ids[:, :end], use_cache=False).logits[:, start - 1 : end - 1]
-    targets = ids[:, start:end].reshape(-1)
-    return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, reduction="sum"))
-
-
-def continuation_nll(model: Any, ids: torch.Tensor, context: int) -> float:
-    """Mean next-token cross-entropy of ``ids[:, context:]`` given everything before it (one forward)."""
-    return _span_nll_sum(model, ids, context, ids.shape[1]) / (ids.shape[1] - context)
-
-
 def _boundaries(context: int, total: int, cfg: Any, rounds: str) -> list[int]:
     """Where adaptation rounds happen: the context end, then every ``interval`` tokens (online)."""
     if rounds == "prefill" or cfg.interval is None:
@@ -132,7 +120,7 @@ def score_snippet(
             adapt_s += time.perf_counter() - t0
             traces.append(trace.rounds[0])
             with state.apply(model):
-                sums.append(_span_nll_sum(model, ids, start, end))
+                sums.append(span_nll_sum(model, ids, start, end))
         r = traces[0]
         out[label] = {
             "nll": sum(sums) / (total - context),

@@ -148,14 +148,8 @@ def _early_eos(out: torch.Tensor, start: int, within: int) -> tuple[int, int]:
     raise AssertionError("no token ends exactly one row early: pick another seed")
 
 
-@pytest.mark.parametrize(("regrow", "policy"), [(True, "partial"), (False, "partial"), (True, "full"), (True, "stale")])
-def test_finished_rows_stop_adapting_and_live_rows_equal_each_row_alone(
-    monkeypatch: pytest.MonkeyPatch, regrow: bool, policy: str
-) -> None:
-    model = _olmoe(15)
-    batch, cfg = _ids(16, 10, batch=3), FAST.replace(interval=3, kv_policy=policy)
-    kw = dict(max_new_tokens=9, do_sample=False, pad_token_id=0)
-    row, eos = _early_eos(ttadapt.generate(model, batch, reroute=cfg, **kw), 10, 3)
+def _round_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Records the batch size of every adaptation round (RoundRunner.run) from now on."""
     sizes: list[int] = []
     run = RoundRunner.run
 
@@ -164,6 +158,18 @@ def test_finished_rows_stop_adapting_and_live_rows_equal_each_row_alone(
         return run(self, ids, *a, **k)
 
     monkeypatch.setattr(RoundRunner, "run", counted)
+    return sizes
+
+
+@pytest.mark.parametrize(("regrow", "policy"), [(True, "partial"), (False, "partial"), (True, "full"), (True, "stale")])
+def test_finished_rows_stop_adapting_and_live_rows_equal_each_row_alone(
+    monkeypatch: pytest.MonkeyPatch, regrow: bool, policy: str
+) -> None:
+    model = _olmoe(15)
+    batch, cfg = _ids(16, 10, batch=3), FAST.replace(interval=3, kv_policy=policy)
+    kw = dict(max_new_tokens=9, do_sample=False, pad_token_id=0)
+    row, eos = _early_eos(ttadapt.generate(model, batch, reroute=cfg, **kw), 10, 3)
+    sizes = _round_sizes(monkeypatch)
     if not regrow:  # a cache kind that cannot take rows back: generate prefills every row instead
         monkeypatch.setattr(ttadapt.generation, "expand_rows", lambda *a: False)
     out, trace = ttadapt.Rerouter(model, cfg).generate(batch, eos_token_id=eos, return_trace=True, **kw)
@@ -194,14 +200,7 @@ def test_rows_ended_by_stopping_criteria_stay_padded_and_leave_later_rounds(monk
     batch, cfg = _ids(16, 10, batch=3), FAST.replace(interval=3)
     kw = dict(max_new_tokens=9, do_sample=False, pad_token_id=0)
     free = ttadapt.generate(model, batch, reroute=cfg, **kw)
-    sizes: list[int] = []
-    run = RoundRunner.run
-
-    def counted(self: RoundRunner, ids: torch.Tensor, *a: object, **k: object) -> object:
-        sizes.append(ids.shape[0])
-        return run(self, ids, *a, **k)
-
-    monkeypatch.setattr(RoundRunner, "run", counted)
+    sizes = _round_sizes(monkeypatch)
     out = ttadapt.generate(model, batch, reroute=cfg, stopping_criteria=StoppingCriteriaList([_StopRow(1, 10, 2)]), **kw)
     assert sizes == [3, 2, 2]
     assert torch.equal(out[1, 10:12], free[1, 10:12]) and bool((out[1, 12:] == 0).all())  # no token after the stop

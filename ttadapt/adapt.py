@@ -22,6 +22,7 @@ from ttadapt.handle import PatchHandle
 from ttadapt.layer_skip import LayerInputs, checkpoint_from, skip_below, splice_cache, supports_partial, truncate_cache
 from ttadapt.selection import needs_confidence, select_layers
 from ttadapt.trace import RoundTrace
+from ttadapt.window import Window, covers, open_window
 
 
 @dataclass
@@ -83,12 +84,28 @@ class RoundRunner:
     ) -> Any:
         return self.model(input_ids=x, attention_mask=xm, position_ids=pos, use_cache=use_cache, return_dict=True)
 
-    def _losses(self, x: torch.Tensor, xm: torch.Tensor, pos: torch.Tensor, y: torch.Tensor, *, use_cache: bool) -> LossOutput:
-        """Per-token next-token losses (and the cache if asked), through the chunked head on long contexts."""
-        if self.loss_head is not None:
-            return self.loss_head(y, input_ids=x, attention_mask=xm, position_ids=pos, use_cache=use_cache)
-        out = self._forward(x, xm, pos, use_cache=use_cache)
-        return LossOutput(token_losses(out.logits, y), out.past_key_values if use_cache else None)
+    def _losses(
+        self, x: torch.Tensor, xm: torch.Tensor, pos: torch.Tensor, y: torch.Tensor, *, use_cache: bool,
+        past: Window | None = None,
+    ) -> LossOutput:
+        """Per-token next-token losses (and the cache if asked), through the chunked head on long contexts.
+
+        With ``past``, ``x`` is the window and ``xm`` the whole context's mask; the prefix cache is
+        restored after the forward (no cache is returned then).
+        """
+        kw = {} if past is None else {"past_key_values": past.past}  # read (and appended to) without use_cache
+        if past is not None:
+            past.restore()  # a checkpointed backward since the last forward re-appended the window
+        try:
+            if self.loss_head is not None:
+                out = self.loss_head(y, input_ids=x, attention_mask=xm, position_ids=pos, use_cache=use_cache, **kw)
+            else:
+                o = self.model(input_ids=x, attention_mask=xm, position_ids=pos, use_cache=use_cache, return_dict=True, **kw)
+                out = LossOutput(token_losses(o.logits, y), o.past_key_values)
+        finally:
+            if past is not None:
+                past.restore()
+        return LossOutput(out.losses, out.past_key_values if use_cache and past is None else None)
 
     def run(
         self,
@@ -98,14 +115,22 @@ class RoundRunner:
         *,
         want_cache: bool,
         stale_cache: Any = None,
+        prior: list[Any] | None = None,
     ) -> RoundResult:
-        """Adapt ``handle.state`` on the context ``ids`` and return the cache to continue from."""
+        """Adapt ``handle.state`` on the context ``ids`` and return the cache to continue from.
+
+        ``prior``: a list holding the decode cache over ``ids[:, :-1]`` under the current state, if any;
+        with ``RerouteConfig.window`` the round reads the prefix's keys/values from it instead of
+        recomputing them. The round takes the cache out of the list, so it can free it before building its own.
+        """
+        old = prior.pop() if prior else None
         cfg, handle = self.cfg, self.handle
         state = handle.state
         trace = RoundTrace(position=int(ids.shape[1]))
         x, y, xm = ids[:, :-1], ids[:, 1:], mask[:, :-1]
         pos = position_ids(mask)[:, :-1]
-        fit_m, val_m = target_masks(cfg, mask, prompt_len)
+        masks_cfg = cfg if cfg.window is None else cfg.replace(max_context=min(cfg.max_context or cfg.window, cfg.window))
+        fit_m, val_m = target_masks(masks_cfg, mask, prompt_len)
         fit_f, val_f = fit_m.float(), val_m.float()
         policy = cfg.kv_policy
         if cfg.steps == 0 or int(fit_m.sum(dim=1).min()) < cfg.min_tokens:
@@ -114,14 +139,26 @@ class RoundRunner:
         if not cfg.warm_start:
             with torch.no_grad():
                 state.delta.zero_()
+            old = None
+        if policy == "stale" and old is None:
+            old = stale_cache
+        t0 = time.perf_counter()  # the confidence phase includes building the window's prefix cache
+        win = open_window(cfg.window, x, old, lambda s: self._hidden_only(x)(
+            x[:, :s], xm[:, :s], pos[:, :s], y[:, :s], use_cache=True).past_key_values)
+        s0 = win.start if win is not None else 0
+        trace.window_start = win.start if win is not None else None
+        # what the confidence pass and the steps run on: the window (whole context without one)
+        wx, wy, wpos, fit_w, val_w = x[:, s0:], y[:, s0:], pos[:, s0:], fit_f[:, s0:], val_f[:, s0:]
 
         # 1. confidence pass (also: held-out loss of "no change", layer inputs, cache under the start state).
         #    It doubles as the first step's forward (run with grad) unless checkpointing is on.
-        t0 = time.perf_counter()
-        conf_cache_wanted = want_cache and policy != "stale"
+        conf_cache_wanted = want_cache and policy != "stale" and win is None
         B = ids.shape[0]
-        ckpt = cfg.checkpoint_min_tokens is not None and x.shape[1] >= cfg.checkpoint_min_tokens
-        self.loss_head = LossHead.for_model(self.model, x) if ckpt else None
+        # memory mode: the loss in token chunks from a long context on (the refresh scores all of it);
+        # layer checkpointing where the steps' gradient covers that many tokens (the window, with one)
+        long = cfg.checkpoint_min_tokens is not None and x.shape[1] >= cfg.checkpoint_min_tokens
+        self.loss_head = LossHead.for_model(self.model, x) if long else None
+        ckpt = long and wx.shape[1] >= cfg.checkpoint_min_tokens
         share = cfg.share_first_forward and not ckpt
         known = not needs_confidence(cfg)
         if known:
@@ -130,23 +167,23 @@ class RoundRunner:
         descent: _Descent | None = None
         with contextlib.ExitStack() as session:
             if share:  # layers not known yet: every slot trainable, the gradient mask keeps the selected ones
-                descent = _Descent(self, x, y, xm, pos, slots if known else list(range(len(state.layer_ids))), ckpt)
+                descent = _Descent(self, wx, wy, xm, wpos, slots if known else list(range(len(state.layer_ids))), ckpt, win)
                 session.enter_context(descent.session())
             wanted = {state.layer_ids[min(slots)]} if known else None  # layer inputs to keep for replay
             with handle.record() as rec, LayerInputs(self.layers, wanted) as cap:
                 with contextlib.nullcontext() if share else torch.no_grad():
-                    out = self._losses(x, xm, pos, y, use_cache=conf_cache_wanted)
+                    out = self._losses(wx, xm, wpos, wy, use_cache=conf_cache_wanted, past=win)
             conf_cache = _detached(out.past_key_values) if conf_cache_wanted else None
             ce_first = out.losses
             ce0 = ce_first.detach()
             del out
-            conf = rec.confidence_rows(B, mask=xm) if needs_confidence(cfg) else None  # [L, B]
+            conf = rec.confidence_rows(B, mask=xm[:, s0:]) if needs_confidence(cfg) else None  # [L, B]
             before = rec.selection_sets()
             if not known:
                 picks = [select_layers(cfg, state.layer_ids, conf[:, b]) for b in range(B)]
                 slots = sorted({s for sl, _ in picks for s in sl})
             first = state.layer_ids[min(slots)]
-            hidden = cap.inputs.get(first)
+            hidden = cap.inputs.get(first)  # over the window only, with one
             cap.inputs.clear()
             conf_full = conf_cache is not None
             if ckpt and conf_cache is not None:  # memory mode: keep only the layers the refresh splices
@@ -160,29 +197,35 @@ class RoundRunner:
 
             # 2. gradient steps on the selected layers' delta (layers below `first` replayed)
             t0 = time.perf_counter()
-            val0 = _masked_mean(ce0, val_f)
+            val0 = _masked_mean(ce0, val_w)
             candidates: list[tuple[torch.Tensor, torch.Tensor | None]] = [(state.delta.detach().clone(), val0)]
             if descent is None:
-                descent = _Descent(self, x, y, xm, pos, slots, ckpt)
+                descent = _Descent(self, wx, wy, xm, wpos, slots, ckpt, win)
                 descent.select(picks, first)  # before the session: checkpointing starts at `first`
                 session.enter_context(descent.session())
             else:
                 descent.select(picks, first)
             descent.replay_from(hidden)
-            descent.run(fit_f, val_f, cfg.steps, candidates, trace.fit_loss, trace.events, first_ce=ce_first)
+            descent.run(fit_w, val_w, cfg.steps, candidates, trace.fit_loss, trace.events, first_ce=ce_first)
             del ce_first
         trace.times["steps"] = time.perf_counter() - t0
 
         # 3. refresh: cache (and held-out loss) under the final delta
         t0 = time.perf_counter()
-        partial = policy == "partial" and (conf_cache is None or supports_partial(conf_cache))
+        partial = policy == "partial" and (conf_cache is None or supports_partial(conf_cache)) and win is None
         deferred = cfg.guard and cfg.refit  # the guard decides first, so the cache is built once, after it
+        whole = hidden if win is None else None  # a window's layer input does not cover the context
+        build = want_cache and policy != "stale" and not deferred
+        if build and win is not None:  # no refit follows: free the prefix and the old cache before building
+            win = old = descent.past = None
         cache, ce_final, after = self._refresh(
-            x, y, xm, pos, first, hidden, build=want_cache and policy != "stale" and not deferred,
+            x, y, xm, pos, first, whole, build=build,
             partial=partial, conf_cache=conf_cache, losses=cfg.guard,
         )
         if ce_final is not None and len(candidates) > 1:
             candidates[-1] = (candidates[-1][0], _masked_mean(ce_final, val_f))
+        if win is not None and after is not None:  # compare on the window, where `before` was recorded
+            after = [None if a is None else a.view(B, x.shape[1], -1)[:, s0:].reshape(-1, a.shape[-1]) for a in after]
         trace.routing_changed = _changed(before, after)
 
         # 4. guard: keep the candidate with the lowest held-out loss (per row); optionally refit
@@ -193,16 +236,19 @@ class RoundRunner:
             rebuild = deferred or kept != [len(candidates) - 1] * len(kept)
             if cfg.refit and max(kept) > 0:
                 t1 = time.perf_counter()
-                self._refit(descent, candidates[0][0], kept, fit_f + val_f, trace)
+                self._refit(descent, candidates[0][0], kept, fit_w + val_w, trace)
                 trace.times["refit"] = time.perf_counter() - t1
                 t0 += trace.times["refit"]
                 rebuild = True
             if rebuild and want_cache and policy != "stale":
                 if max(kept) == 0 and conf_full:
                     cache = conf_cache
+                elif max(kept) == 0 and win is not None and policy != "stale" and covers(old, x):
+                    cache = old  # "no change": the decode cache already matches the start state
                 else:
+                    win = old = descent.past = None
                     cache, _, _ = self._refresh(
-                        x, y, xm, pos, first, hidden, build=True, partial=partial, conf_cache=conf_cache, record=False,
+                        x, y, xm, pos, first, whole, build=True, partial=partial, conf_cache=conf_cache, record=False,
                         losses=False,
                     )
         else:
@@ -279,9 +325,9 @@ class RoundRunner:
 class _Descent:
     """Gradient steps on the trainable slots of ``handle.state.delta`` for one round's context."""
 
-    def __init__(self, runner: RoundRunner, x, y, xm, pos, slots: list[int], ckpt: bool) -> None:
+    def __init__(self, runner: RoundRunner, x, y, xm, pos, slots: list[int], ckpt: bool, past: Window | None = None) -> None:
         self.r, self.x, self.y, self.xm, self.pos = runner, x, y, xm, pos
-        self.slots, self.ckpt = slots, ckpt
+        self.slots, self.ckpt, self.past = slots, ckpt, past
         self.gmask: torch.Tensor | None = None
         self.replay = 0
         self.hidden: torch.Tensor | None = None
@@ -302,7 +348,7 @@ class _Descent:
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.enable_grad())
             self.delta = stack.enter_context(r.handle.trainable(self.slots))
-            stack.enter_context(checkpoint_from(r.layers, self.replay, self.ckpt))
+            stack.enter_context(checkpoint_from(r.layers, self.replay, self.ckpt, keep_cache=self.past is not None))
             stack.enter_context(r.handle.straight_through(r.cfg.straight_through))
             self._stack = stack
             try:
@@ -339,7 +385,7 @@ class _Descent:
             if step == 0 and first_ce is not None and first_ce.requires_grad:
                 ce = first_ce
             else:
-                ce = r._losses(self.x, self.xm, self.pos, self.y, use_cache=False).losses
+                ce = r._losses(self.x, self.xm, self.pos, self.y, use_cache=False, past=self.past).losses
             loss = _masked_mean(ce, fit_f).sum()
             if not torch.isfinite(loss):
                 events.append(f"non-finite loss at step {step}: kept the last good delta")

@@ -46,6 +46,14 @@ class RerouteConfig:
             adapted layer (exact), ``full`` re-prefills everything (exact), ``stale`` keeps the old
             cache (new routing applies to new tokens only; approximate).
         max_context: the loss covers at most the last ``max_context`` context tokens (None = all).
+            Compute still covers the whole context; ``window`` bounds it.
+        window: adaptation forwards and backwards run over only the last ``window`` context tokens
+            (None = all). Earlier tokens are read through their keys/values under the round's starting
+            state, held fixed during the steps (truncated back-propagation: their routing is not
+            re-optimised), and the loss covers at most the window (as ``max_context``). The refreshed
+            cache still covers the whole context under the new state, so decoding stays exact under
+            ``partial``/``full`` (under ``stale`` the prefix is read from the stale decode cache).
+            Makes a round's cost grow with the window, not the context.
         early_stop: stop a round when the fit loss improves by less than this fraction in a step.
         guard: hold out the last ``val_fraction`` of the context, fit on the rest, and keep the
             candidate (including "no change") with the lowest held-out loss: adaptation can then
@@ -66,6 +74,8 @@ class RerouteConfig:
             never): gradient checkpointing in the adapted layers, and the next-token loss computed
             in chunks of tokens so the ``[tokens, vocab]`` logits never exist at once (exact up to
             float rounding; costs a recomputation of each layer and of the LM head in the backward).
+            With ``window``, the layers are checkpointed only where the window itself is this long
+            (activations scale with the tokens that carry gradient; the chunked loss still applies).
         share_first_forward: the confidence pass runs with grad and doubles as the first step's
             forward (one forward fewer per round; exact). With ``top_C``/``bottom_C`` or soft weighting
             the layers are chosen after that forward, so its backward reaches every MoE layer (the
@@ -87,6 +97,7 @@ class RerouteConfig:
     loss_mask: LossMask = "all"
     kv_policy: KVPolicy = "partial"
     max_context: int | None = None
+    window: int | None = None
     early_stop: float | None = None
     guard: bool = True
     val_fraction: float = 0.25
@@ -118,6 +129,8 @@ class RerouteConfig:
             object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
         if self.max_context is not None and self.max_context < 2:
             raise ValueError(f"RerouteConfig.max_context must be None or >= 2, got {self.max_context!r}")
+        if self.window is not None and (not isinstance(self.window, int) or self.window < 2):
+            raise ValueError(f"RerouteConfig.window must be None or an int >= 2, got {self.window!r}")
         if self.early_stop is not None and not 0 <= self.early_stop < 1:
             raise ValueError(f"RerouteConfig.early_stop must be None or in [0, 1), got {self.early_stop!r}")
         if not 0 < self.val_fraction < 1:

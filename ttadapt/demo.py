@@ -50,11 +50,17 @@ class SnippetResult:
         return 100.0 * (self.rerouted_nll / self.base_nll - 1.0)
 
 
+@torch.no_grad()
+def span_nll_sum(model: Any, ids: torch.Tensor, start: int, end: int) -> float:
+    """Summed next-token cross-entropy of ``ids[:, start:end]`` given everything before it (one forward)."""
+    logits = model(input_ids=ids[:, :end], use_cache=False).logits[:, start - 1 : end - 1]
+    targets = ids[:, start:end].reshape(-1)
+    return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, reduction="sum"))
+
+
 def continuation_nll(model: Any, ids: torch.Tensor, context: int) -> float:
-    """Mean next-token NLL of ``ids[:, context:]`` given everything before it."""
-    with torch.no_grad():
-        logits = model(ids).logits[:, context - 1 : -1].float()
-        return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, context:].reshape(-1)))
+    """Mean next-token cross-entropy of ``ids[:, context:]`` given everything before it (one forward)."""
+    return span_nll_sum(model, ids, context, ids.shape[1]) / (ids.shape[1] - context)
 
 
 def run_demo(

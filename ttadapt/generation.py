@@ -258,8 +258,9 @@ class Rerouter:
                     if produced >= max_new or got < chunk or bool(finished.all()) or not chunked:
                         break
                     stale = out.past_key_values if cfg.kv_policy == "stale" else None
+                    prior = [out.past_key_values] if cfg.window is not None else None  # the window's prefix KV
                     cache = out = None  # the round rebuilds the cache: do not hold two
-                    res = _round(runner, handle, ids, mask, prompt_len, stale, finished)
+                    res = _round(runner, handle, ids, mask, prompt_len, stale, finished, prior)
                     trace.rounds.append(res.trace)
                     cache = res.cache
                 trace.generated = produced
@@ -278,14 +279,16 @@ class Rerouter:
 
 def _round(
     runner: RoundRunner, handle: PatchHandle, ids: torch.Tensor, mask: torch.Tensor, prompt_len: int,
-    stale: Any, finished: torch.Tensor,
+    stale: Any, finished: torch.Tensor, prior: list[Any] | None = None,
 ) -> RoundResult:
     """A round between chunks on the unfinished rows only: finished ones keep their state, cost nothing and
     get zero KV (their tokens are forced to padding). Where the cache cannot be regrown to every row, the
     round returns none and ``generate`` prefills all rows under the new state (exact, one forward more)."""
     state = handle.state
     if not bool(finished.any()) or state.batch_size != ids.shape[0]:
-        return runner.run(ids, mask, prompt_len, want_cache=True, stale_cache=stale)
+        return runner.run(ids, mask, prompt_len, want_cache=True, stale_cache=stale, prior=prior)
+    if prior:
+        prior.clear()  # its rows do not match the live rows: the window's prefix is recomputed
     live = (~finished).nonzero().flatten()
     with handle.use_state(state.select_rows(live)):
         res = runner.run(ids[live], mask[live], prompt_len, want_cache=True, stale_cache=stale)

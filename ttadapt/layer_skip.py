@@ -108,9 +108,11 @@ def supports_partial(cache: Any) -> bool:
 
 
 @contextlib.contextmanager
-def checkpoint_from(layers: nn.ModuleList, first: int, enabled: bool) -> Iterator[None]:
+def checkpoint_from(layers: nn.ModuleList, first: int, enabled: bool, keep_cache: bool = False) -> Iterator[None]:
     """Gradient-checkpoint decoder layers ``>= first`` inside the block (only those layers enter
-    training mode, so router jitter and dropout elsewhere stay off)."""
+    training mode, so router jitter and dropout elsewhere stay off). ``keep_cache``: the layers keep
+    reading ``past_key_values`` (a window's prefix; the caller restores it before every forward, so a
+    recomputation in the backward appends to the prefix again)."""
     if not enabled:
         yield
         return
@@ -126,6 +128,8 @@ def checkpoint_from(layers: nn.ModuleList, first: int, enabled: bool) -> Iterato
             touched.append((layer, layer.training))
             layer.gradient_checkpointing = True
             layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+            if keep_cache:
+                layer._can_checkpoint_with_cache = True
             layer.training = True
         yield
     finally:
@@ -133,3 +137,4 @@ def checkpoint_from(layers: nn.ModuleList, first: int, enabled: bool) -> Iterato
             layer.training = was_training
             layer.__dict__.pop("gradient_checkpointing", None)
             layer.__dict__.pop("_gradient_checkpointing_func", None)
+            layer.__dict__.pop("_can_checkpoint_with_cache", None)

@@ -16,6 +16,7 @@ class RoundTrace:
     selected_layers: list[int] = field(default_factory=list)  # union over batch rows
     rows_selected: list[list[int]] = field(default_factory=list)  # per row, when batched
     rows: list[int] | None = None  # batch rows adapted when some had finished (None: every row)
+    window_start: int | None = None  # first context column the steps covered (RerouteConfig.window; None: all)
     confidence: list[float] = field(default_factory=list)
     fit_loss: list[float] = field(default_factory=list)  # per step, before its update
     val_loss: list[float] = field(default_factory=list)  # held-out loss per candidate (guard)
