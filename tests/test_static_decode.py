@@ -29,13 +29,14 @@ def _ids(seed: int, length: int, batch: int = 1) -> torch.Tensor:
     return torch.randint(2, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.parametrize("window", [None, 8])
 @pytest.mark.parametrize("policy", ["partial", "full", "stale"])
-def test_static_cache_generates_the_dynamic_cache_tokens(policy: str) -> None:
+def test_static_cache_generates_the_dynamic_cache_tokens(policy: str, window: int | None) -> None:
     model = _olmoe(0)
     ids = _ids(1, 14, batch=2)
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left padding
-    cfg = FAST.replace(kv_policy=policy)
+    cfg = FAST.replace(kv_policy=policy, window=window)  # a window recomputes its prefix (not sliced from a static cache)
     kw = dict(reroute=cfg, max_new_tokens=13, do_sample=False, return_trace=True)
     dyn, t_dyn = ttadapt.generate(model, ids, mask, **kw)
     sta, t_sta = ttadapt.generate(model, ids, mask, cache_implementation="static", **kw)

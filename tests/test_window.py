@@ -155,6 +155,23 @@ def test_generate_with_a_window_batches_and_reads_the_decode_cache(policy: str, 
         assert torch.equal(both[b : b + 1], alone)
 
 
+@pytest.mark.parametrize("policy", ["partial", "stale"])
+def test_left_padded_rows_shorter_than_the_window_equal_each_row_alone(policy: str) -> None:
+    """The window is the last W columns of the padded batch: a short row's pads fall in its masked prefix."""
+    model = _olmoe(13)
+    a, b = _ids(14, 22)[0], _ids(15, 7)[0]
+    batch = torch.zeros(2, 22, dtype=torch.long)
+    mask = torch.zeros(2, 22, dtype=torch.long)
+    batch[0], mask[0] = a, 1
+    batch[1, 15:], mask[1, 15:] = b, 1
+    cfg = SGD.replace(steps=2, lr=0.5, interval=4, window=9, kv_policy=policy, optimizer="adam", guard=True, val_fraction=0.3,
+                      min_tokens=2)
+    out, trace = ttadapt.generate(model, batch, attention_mask=mask, reroute=cfg, max_new_tokens=9, do_sample=False, return_trace=True)
+    assert trace.rounds[0].window_start == 21 - 9 and any(r.delta_mean_abs > 0 for r in trace.rounds)
+    assert torch.equal(out[0, 22:], ttadapt.generate(model, a[None], reroute=cfg, max_new_tokens=9, do_sample=False)[0, 22:])
+    assert torch.equal(out[1, 22:], ttadapt.generate(model, b[None], reroute=cfg, max_new_tokens=9, do_sample=False)[0, 7:])
+
+
 def test_prefix_view_leaves_the_source_intact_and_restore_trims_appends() -> None:
     model = _olmoe(13)
     ids = _ids(14, 12)
