@@ -136,6 +136,32 @@ def test_batch_rows_equal_each_row_alone() -> None:
     assert torch.equal(out[1, 14:], alone_b[0, 9:])
 
 
+@pytest.mark.parametrize("cfg", [
+    FAST.replace(interval=4),
+    FAST.replace(interval=4, warm_start=False),
+    ttadapt.RerouteConfig(lr=5.0, steps=3, interval=4, selection="all", optimizer="sgd", guard=True, val_fraction=0.3,
+                          min_gain=0.0, refit=True),
+], ids=["top_C", "no-warm-start", "guard-refit"])
+def test_a_row_too_short_to_adapt_keeps_its_state_and_the_others_adapt(cfg: ttadapt.RerouteConfig) -> None:
+    """A row with fewer than min_tokens fit targets does not hold back the batch: every row equals its run alone."""
+    model = _olmoe(11)
+    a, b = _ids(12, 16)[0], _ids(13, 6)[0]
+    batch = torch.zeros(2, 16, dtype=torch.long)
+    mask = torch.zeros(2, 16, dtype=torch.long)
+    batch[0], mask[0] = a, 1
+    batch[1, 10:], mask[1, 10:] = b, 1
+    out, trace = ttadapt.generate(model, batch, attention_mask=mask, reroute=cfg, max_new_tokens=9, do_sample=False,
+                                  return_trace=True)
+    first = trace.rounds[0]
+    assert first.skipped is None and first.rows_selected[1] == [] and first.rows_selected[0]
+    assert any("rows [1] have fewer than" in e for e in first.events)
+    alone_a, trace_a = ttadapt.generate(model, a[None], reroute=cfg, max_new_tokens=9, do_sample=False, return_trace=True)
+    alone_b, trace_b = ttadapt.generate(model, b[None], reroute=cfg, max_new_tokens=9, do_sample=False, return_trace=True)
+    assert trace_b.rounds[0].skipped is not None and trace_a.rounds[0].skipped is None
+    assert torch.equal(out[0, 16:], alone_a[0, 16:])
+    assert torch.equal(out[1, 16:], alone_b[0, 6:])
+
+
 def _early_eos(out: torch.Tensor, start: int, within: int) -> tuple[int, int]:
     """(row, token): a token that row emits among its first ``within`` new tokens and no row emits elsewhere."""
     new = out[:, start:]

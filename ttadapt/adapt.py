@@ -133,12 +133,19 @@ class RoundRunner:
         fit_m, val_m = target_masks(masks_cfg, mask, prompt_len)
         fit_f, val_f = fit_m.float(), val_m.float()
         policy = cfg.kv_policy
-        if cfg.steps == 0 or int(fit_m.sum(dim=1).min()) < cfg.min_tokens:
+        # rows with too few fit targets keep their state; a shared state (one for all rows) waits for all
+        short = fit_m.sum(dim=1) < cfg.min_tokens
+        if cfg.steps == 0 or bool(short.all()) or (bool(short.any()) and state.delta.dim() != 3):
             trace.skipped = "steps=0" if cfg.steps == 0 else f"fewer than {cfg.min_tokens} fit tokens"
             return RoundResult(cache=stale_cache if policy == "stale" else None, trace=trace)
+        if bool(short.any()):
+            trace.events.append(f"rows {short.nonzero().flatten().tolist()} have fewer than {cfg.min_tokens} fit tokens: kept their state")
         if not cfg.warm_start:
             with torch.no_grad():
-                state.delta.zero_()
+                if state.delta.dim() == 3:
+                    state.delta[:, ~short.to(state.delta.device)] = 0
+                else:
+                    state.delta.zero_()
             old = None
         if policy == "stale" and old is None:
             old = stale_cache
@@ -162,8 +169,8 @@ class RoundRunner:
         share = cfg.share_first_forward and not ckpt
         known = not needs_confidence(cfg)
         if known:
-            picks = [select_layers(cfg, state.layer_ids, None)] * B
-            slots = picks[0][0]
+            picks = _unless_short([select_layers(cfg, state.layer_ids, None)] * B, short)
+            slots = sorted({s for sl, _ in picks for s in sl})
         descent: _Descent | None = None
         with contextlib.ExitStack() as session:
             if share:  # layers not known yet: every slot trainable, the gradient mask keeps the selected ones
@@ -180,7 +187,7 @@ class RoundRunner:
             conf = rec.confidence_rows(B, mask=xm[:, s0:]) if needs_confidence(cfg) else None  # [L, B]
             before = rec.selection_sets()
             if not known:
-                picks = [select_layers(cfg, state.layer_ids, conf[:, b]) for b in range(B)]
+                picks = _unless_short([select_layers(cfg, state.layer_ids, conf[:, b]) for b in range(B)], short)
                 slots = sorted({s for sl, _ in picks for s in sl})
             first = state.layer_ids[min(slots)]
             hidden = cap.inputs.get(first)  # over the window only, with one
@@ -230,7 +237,7 @@ class RoundRunner:
 
         # 4. guard: keep the candidate with the lowest held-out loss (per row); optionally refit
         if cfg.guard:
-            kept = self._choose(candidates, state)
+            kept = self._choose(candidates, state, short)
             trace.chosen = kept[0] if len(set(kept)) == 1 else None
             trace.val_loss = [float(v.mean()) for _, v in candidates if v is not None]
             rebuild = deferred or kept != [len(candidates) - 1] * len(kept)
@@ -298,13 +305,16 @@ class RoundRunner:
 
         return run
 
-    def _choose(self, candidates: list[tuple[torch.Tensor, torch.Tensor | None]], state: Any) -> list[int]:
-        """Set ``state.delta`` to the best held-out candidate per row; return each row's candidate index."""
+    def _choose(
+        self, candidates: list[tuple[torch.Tensor, torch.Tensor | None]], state: Any, short: torch.Tensor
+    ) -> list[int]:
+        """Set ``state.delta`` to the best held-out candidate per row; return each row's candidate index
+        ("no change" for the ``short`` rows, which did not adapt)."""
         scored = [(i, d, v) for i, (d, v) in enumerate(candidates) if v is not None]
         vals = torch.stack([v for _, _, v in scored])  # [N, B]
         base = vals[0]
         best = vals.argmin(dim=0)
-        ok = vals.gather(0, best[None]).squeeze(0) < base * (1 - self.cfg.min_gain)
+        ok = (vals.gather(0, best[None]).squeeze(0) < base * (1 - self.cfg.min_gain)) & ~short.to(best.device)
         best = torch.where(ok, best, torch.zeros_like(best))
         picks = [scored[int(b)][0] for b in best]
         _set_rows(state, [candidates[i][0] for i in picks])
@@ -414,6 +424,11 @@ class _Descent:
                     events.append(f"non-finite delta after step {step}: reverted to the last good delta")
                     break
             candidates.append((delta.detach().clone(), None))
+
+
+def _unless_short(picks: list[tuple[list[int], torch.Tensor]], short: torch.Tensor) -> list[tuple[list[int], torch.Tensor]]:
+    """Per-row layer picks, with no layer (zero gradient weights) for the rows with too few fit targets."""
+    return [([], torch.zeros_like(w)) if bool(short[b]) else (sl, w) for b, (sl, w) in enumerate(picks)]
 
 
 def _detached(cache: Any) -> Any:

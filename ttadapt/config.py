@@ -65,7 +65,8 @@ class RerouteConfig:
             nearest to what comes next). Costs up to ``steps`` more forward+backward passes. Only with
             ``guard=True`` (without the guard every step is kept and fitted on the whole context anyway).
         max_abs: trust region: clamp every delta entry to ``[-max_abs, max_abs]`` (None = off).
-        min_tokens: skip a round whose context gives fewer fit targets than this.
+        min_tokens: skip a round whose context gives fewer fit targets than this (in a batch with one
+            state per row, such rows keep their state while the others adapt).
         straight_through: during adaptation passes only, give the routing weights the gradient of
             the dense router softmax (straight-through: forward values unchanged), so experts outside
             the top-k receive gradient also in renormalising routers (Mixtral, Qwen3, GPT-OSS, ...).

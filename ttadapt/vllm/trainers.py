@@ -106,7 +106,7 @@ class HFTrainer:
             self._last[dst] = self._last[src]
 
     def _batchable(self, job: AdaptJob) -> bool:
-        """Whether the job's context has enough fit tokens (a batched round is skipped if one row has too few)."""
+        """Whether the job's context has enough fit tokens to adapt (else it runs alone: its trace says it was skipped)."""
         from ttadapt.adapt import target_masks
 
         n = len(job.context)
