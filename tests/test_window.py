@@ -134,12 +134,15 @@ def test_prior_cache_gives_the_same_round_and_is_kept_on_no_change(min_gain: flo
         assert float(deltas[1].abs().sum()) == 0 and cache is prior
 
 
+@pytest.mark.parametrize("selection", ["all", "top_C"])  # top_C: per-row layers picked on the window's confidence
 @pytest.mark.parametrize("policy", ["partial", "full", "stale"])
-def test_generate_with_a_window_batches_and_reads_the_decode_cache(policy: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_generate_with_a_window_batches_and_reads_the_decode_cache(
+    policy: str, selection: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Batched windowed generation equals each row alone, and later rounds take their prefix from the decode cache."""
     model = _olmoe(11)
     ids = _ids(12, 24, batch=2)
-    cfg = SGD.replace(steps=2, lr=0.5, interval=4, window=10, kv_policy=policy, optimizer="adam")
+    cfg = SGD.replace(steps=2, lr=0.5, interval=4, window=10, kv_policy=policy, optimizer="adam", selection=selection)
     reused: list[bool] = []
 
     def spy(window, x, prior, prefill):
