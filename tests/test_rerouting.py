@@ -121,13 +121,20 @@ def test_reset_per_prompt_gives_same_output_twice_and_persist_carries_delta() ->
     assert not torch.equal(s1.delta, s2.delta)  # the second call started from the first's delta
 
 
+def left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of ``rows`` left-padded with 0 to the longest."""
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+    return ids, mask
+
+
 def test_batch_rows_equal_each_row_alone() -> None:
     model = _olmoe(11)
     a, b = _ids(12, 14)[0], _ids(13, 9)[0]
-    batch = torch.zeros(2, 14, dtype=torch.long)
-    mask = torch.zeros(2, 14, dtype=torch.long)
-    batch[0], mask[0] = a, 1
-    batch[1, 5:], mask[1, 5:] = b, 1
+    batch, mask = left_padded([a, b])
     cfg = FAST.replace(interval=4)
     out = ttadapt.generate(model, batch, attention_mask=mask, reroute=cfg, max_new_tokens=9, do_sample=False)
     alone_a = ttadapt.generate(model, a[None], reroute=cfg, max_new_tokens=9, do_sample=False)
@@ -146,10 +153,7 @@ def test_a_row_too_short_to_adapt_keeps_its_state_and_the_others_adapt(cfg: ttad
     """A row with fewer than min_tokens fit targets does not hold back the batch: every row equals its run alone."""
     model = _olmoe(11)
     a, b = _ids(12, 16)[0], _ids(13, 6)[0]
-    batch = torch.zeros(2, 16, dtype=torch.long)
-    mask = torch.zeros(2, 16, dtype=torch.long)
-    batch[0], mask[0] = a, 1
-    batch[1, 10:], mask[1, 10:] = b, 1
+    batch, mask = left_padded([a, b])
     out, trace = ttadapt.generate(model, batch, attention_mask=mask, reroute=cfg, max_new_tokens=9, do_sample=False,
                                   return_trace=True)
     first = trace.rounds[0]

@@ -13,7 +13,7 @@ import ttadapt
 from ttadapt.adapt import RoundRunner
 from ttadapt.window import Window, covers, open_window, prefix_view
 
-from .test_rerouting import _ids, _olmoe
+from .test_rerouting import _ids, _olmoe, left_padded
 
 SGD = ttadapt.RerouteConfig(lr=2.0, steps=1, interval=None, selection="all", optimizer="sgd", guard=False)
 
@@ -163,10 +163,7 @@ def test_left_padded_rows_shorter_than_the_window_equal_each_row_alone(policy: s
     """The window is the last W columns of the padded batch: a short row's pads fall in its masked prefix."""
     model = _olmoe(13)
     a, b = _ids(14, 22)[0], _ids(15, 7)[0]
-    batch = torch.zeros(2, 22, dtype=torch.long)
-    mask = torch.zeros(2, 22, dtype=torch.long)
-    batch[0], mask[0] = a, 1
-    batch[1, 15:], mask[1, 15:] = b, 1
+    batch, mask = left_padded([a, b])
     cfg = SGD.replace(steps=2, lr=0.5, interval=4, window=9, kv_policy=policy, optimizer="adam", guard=True, val_fraction=0.3,
                       min_tokens=2)
     out, trace = ttadapt.generate(model, batch, attention_mask=mask, reroute=cfg, max_new_tokens=9, do_sample=False, return_trace=True)
