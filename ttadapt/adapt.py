@@ -80,9 +80,9 @@ class RoundRunner:
 
     # ------------------------------------------------------------------ forwards
     def _forward(
-        self, x: torch.Tensor, xm: torch.Tensor, pos: torch.Tensor, *, use_cache: bool
+        self, x: torch.Tensor, xm: torch.Tensor, pos: torch.Tensor, *, use_cache: bool, **past: Any
     ) -> Any:
-        return self.model(input_ids=x, attention_mask=xm, position_ids=pos, use_cache=use_cache, return_dict=True)
+        return self.model(input_ids=x, attention_mask=xm, position_ids=pos, use_cache=use_cache, return_dict=True, **past)
 
     def _losses(
         self, x: torch.Tensor, xm: torch.Tensor, pos: torch.Tensor, y: torch.Tensor, *, use_cache: bool,
@@ -100,7 +100,7 @@ class RoundRunner:
             if self.loss_head is not None:
                 out = self.loss_head(y, input_ids=x, attention_mask=xm, position_ids=pos, use_cache=use_cache, **kw)
             else:
-                o = self.model(input_ids=x, attention_mask=xm, position_ids=pos, use_cache=use_cache, return_dict=True, **kw)
+                o = self._forward(x, xm, pos, use_cache=use_cache, **kw)
                 out = LossOutput(token_losses(o.logits, y), o.past_key_values)
         finally:
             if past is not None:
@@ -250,7 +250,7 @@ class RoundRunner:
             if rebuild and want_cache and policy != "stale":
                 if max(kept) == 0 and conf_full:
                     cache = conf_cache
-                elif max(kept) == 0 and win is not None and policy != "stale" and covers(old, x):
+                elif max(kept) == 0 and win is not None and covers(old, x):
                     cache = old  # "no change": the decode cache already matches the start state
                 else:
                     win = old = descent.past = None
