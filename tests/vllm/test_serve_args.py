@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from ttadapt.vllm.payload import Layout, Steer, decode
 from ttadapt.vllm.runtime import ServeConfig, ServerRuntime
 from ttadapt.vllm.search import SearchConfig
 from ttadapt.vllm.trainers import AdaptJob
-from ttadapt.vllm.serve import parse_args
+from ttadapt.vllm.serve import parse_args, resolve_vllm_name
 
 LAYOUT = Layout(layer_ids=(1, 2, 4), num_experts=8)
 
@@ -63,6 +64,28 @@ def test_serve_rejects_bad_state_specs(spec: str, message: str) -> None:
         parse_args(["--model", "m", "--state", spec])
     with pytest.raises(SystemExit, match="given twice"):
         parse_args(["--model", "m", "--state", "a=x", "--state", "a=y"])
+
+
+def _fake_modules(monkeypatch: pytest.MonkeyPatch, **modules: dict) -> None:
+    for name, attrs in modules.items():
+        mod = types.ModuleType(name)
+        for k, v in attrs.items():
+            setattr(mod, k, v)
+        monkeypatch.setitem(sys.modules, name, mod)
+
+
+def test_vllm_server_names_follow_the_first_layout_that_has_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    # vLLM 0.33 moved make_arg_parser (launchers.cli_args -> common.cli_args): the newest layout wins,
+    # a missing module or a module without the name falls through to the next.
+    new, old = "fakevllm_new.cli_args", "fakevllm_old.cli_args"
+    _fake_modules(monkeypatch, **{new: {"make_arg_parser": "new"}, old: {"make_arg_parser": "old"}})
+    assert resolve_vllm_name("make_arg_parser", (new, old)) == "new"
+    assert resolve_vllm_name("make_arg_parser", ("fakevllm_gone.cli_args", old)) == "old"
+    _fake_modules(monkeypatch, **{new: {}})
+    assert resolve_vllm_name("make_arg_parser", (new, old)) == "old"
+    with pytest.raises(ImportError, match=r"make_arg_parser was not found.*fakevllm_new\.cli_args \(no make_arg_parser\)"
+                       r".*fakevllm_gone\.cli_args"):
+        resolve_vllm_name("make_arg_parser", (new, "fakevllm_gone.cli_args"))
 
 
 # ------------------------------------------------------------------------------------ request schema

@@ -19,7 +19,7 @@ from typing import Any
 
 from ttadapt.vllm.runtime import ServeConfig
 
-__all__ = ["MIDDLEWARE", "build_parser", "main", "parse_args", "vllm_argv"]
+__all__ = ["MIDDLEWARE", "VLLM_SERVER_NAMES", "build_parser", "main", "parse_args", "resolve_vllm_name", "vllm_argv"]
 
 MIDDLEWARE = "ttadapt.vllm.server.TTAdaptMiddleware"
 LOGITS_PROCESSOR = "ttadapt.vllm.logits_processor:TTAdaptLogitsProcessor"
@@ -111,28 +111,60 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+# Where each piece of vLLM's API server lives, newest layout first (0.33 moved the argument parser and
+# the environment set-up to ``vllm.entrypoints.common``; 0.32 had them under ``launchers`` / ``serve``).
+VLLM_SERVER_NAMES: dict[str, tuple[str, ...]] = {
+    "run_server": ("vllm.entrypoints.launchers.api_server.entry", "vllm.entrypoints.openai.api_server"),
+    "make_arg_parser": ("vllm.entrypoints.common.cli_args", "vllm.entrypoints.launchers.cli_args",
+                        "vllm.entrypoints.openai.cli_args"),
+    "validate_parsed_serve_args": ("vllm.entrypoints.common.cli_args", "vllm.entrypoints.launchers.cli_args",
+                                   "vllm.entrypoints.openai.cli_args"),
+    "cli_env_setup": ("vllm.entrypoints.common.startup", "vllm.entrypoints.serve.utils.api_utils"),
+    "configure_logging_from_args": ("vllm.logger",),
+    "FlexibleArgumentParser": ("vllm.utils.argparse_utils",),
+}
+_OPTIONAL_NAMES = frozenset({"cli_env_setup", "configure_logging_from_args"})
+
+
+def resolve_vllm_name(name: str, modules: Sequence[str] | None = None) -> Any:
+    """``name`` from the first of ``modules`` (default: :data:`VLLM_SERVER_NAMES`) that defines it.
+
+    Raises ImportError naming every module tried, so a vLLM layout change reads as one clear line.
+    """
+    import importlib
+
+    tried = []
+    for mod in VLLM_SERVER_NAMES[name] if modules is None else modules:
+        try:
+            value = getattr(importlib.import_module(mod), name, None)
+        except ImportError as exc:
+            tried.append(f"{mod} ({exc})")
+            continue
+        if value is not None:
+            return value
+        tried.append(f"{mod} (no {name})")
+    raise ImportError(f"vLLM's {name} was not found in any known location: " + "; ".join(tried))
+
+
 def _vllm_launcher() -> Any:
-    """vLLM's API-server ``main`` (0.32 layout, then the older one), taking an argument list."""
-    try:
-        from vllm.entrypoints.launchers.api_server.entry import run_server
-        from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-    except ImportError:
-        from vllm.entrypoints.openai.api_server import run_server  # type: ignore[no-redef]
-        from vllm.entrypoints.openai.cli_args import (  # type: ignore[no-redef]
-            make_arg_parser,
-            validate_parsed_serve_args,
-        )
+    """vLLM's API-server ``main`` (any supported vLLM layout), taking an argument list."""
     import uvloop
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    found = {}
+    for name in VLLM_SERVER_NAMES:
+        try:
+            found[name] = resolve_vllm_name(name)
+        except ImportError:
+            if name not in _OPTIONAL_NAMES:
+                raise
+    run_server, make_arg_parser = found["run_server"], found["make_arg_parser"]
+    validate_parsed_serve_args, parser_cls = found["validate_parsed_serve_args"], found["FlexibleArgumentParser"]
+    cli_env_setup, configure_logging = found.get("cli_env_setup"), found.get("configure_logging_from_args")
 
     def launch(argv: list[str]) -> None:
-        try:
-            from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
-
+        if cli_env_setup is not None:
             cli_env_setup()
-        except ImportError:
-            pass
-        parser = make_arg_parser(FlexibleArgumentParser(prog="ttadapt serve", description="vLLM server (via ttadapt)"))
+        parser = make_arg_parser(parser_cls(prog="ttadapt serve", description="vLLM server (via ttadapt)"))
         args = parser.parse_args(argv)
         procs = list(args.logits_processors or [])
         if LOGITS_PROCESSOR not in procs:
@@ -142,12 +174,8 @@ def _vllm_launcher() -> Any:
         if MIDDLEWARE not in middleware:
             middleware.append(MIDDLEWARE)
         args.middleware = middleware
-        try:
-            from vllm.logger import configure_logging_from_args
-
-            configure_logging_from_args(args)
-        except ImportError:
-            pass
+        if configure_logging is not None:
+            configure_logging(args)
         validate_parsed_serve_args(args)
         uvloop.run(run_server(args))
 
