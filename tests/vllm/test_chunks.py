@@ -153,3 +153,22 @@ def test_a_stop_straddling_two_chunks_ends_the_sequence() -> None:
         s = loop.seqs[0]
         assert (_letters(s.tokens), s.finish_reason) == (want, reason)
         assert s.chunks == (3 if reason == "stop" else 4) and loop.jobs() == []
+
+
+def test_a_straddling_stop_wins_over_a_later_stop_the_decoder_saw() -> None:
+    # chunks of 3: "abc" "dee" "ndf" ...; "end" straddles chunks 2 and 3, and the decoder (vLLM) itself
+    # stops chunk 3 at "df", a stop it sees within the request: the earlier, straddling one ends the sequence.
+    text = _tok("abcdeendfgh")
+
+    def decode(reqs: list[ChunkRequest]) -> list[list[Decoded]]:
+        done = len(reqs[0].context) - 1
+        part = text[done:done + reqs[0].max_tokens]
+        end = _letters(part).find("df")
+        return [[Decoded(part[:end + 2], "stop") if end >= 0 else Decoded(part, "length")]]
+
+    trainer = FakeTrainer()
+    for stops, want in ((["end", "df"], ("abcdeend", "stop", True, 2)), (["df"], ("abcdeendf", "stop", False, 3))):
+        loop = ChunkLoop([[0]], max_tokens=12, interval=3, stop_at=StopStrings(stops, _letters))
+        run_chunks(loop, trainer.adapt, trainer.fork, decode)
+        s = loop.seqs[0]
+        assert (_letters(s.tokens), s.finish_reason, s.straddled, s.last_got) == want, stops

@@ -261,6 +261,10 @@ def _joined(events: list[dict[str, Any]], n: int = 1, chat: bool = False) -> lis
     return out
 
 
+def _streamed_ids(events: list[dict[str, Any]]) -> list[int]:
+    return [t for e in events for c in e["choices"] for t in c["token_ids"]]
+
+
 def _finals(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [c for e in events for c in e["choices"] if c["finish_reason"] is not None]
 
@@ -280,8 +284,9 @@ def test_reroute_chunked_ends_at_a_stop_string_straddling_two_chunks(server: Ser
         assert _ids(obj) == ids[:5] and obj["usage"]["completion_tokens"] == 5
         assert ch["finish_reason"] == "stop" and ch["stop_reason"] == stop and ch["text"] == want
         assert len(obj["ttadapt"]["rounds"]) == 2
-        events, _ = _stream(server, "/v1/completions", body)  # streamed: the stop's first half is held back
-        assert _joined(events) == [want]
+        events, _ = _stream(server, "/v1/completions", dict(body, return_token_ids=True))  # the stop's first half
+        assert _joined(events) == [want]  # is held back, and so are the ids after the chunk boundary
+        assert _streamed_ids(events) == ids[:5] and events[0]["choices"][0]["prompt_token_ids"] == p
         assert [(c["finish_reason"], c["stop_reason"]) for c in _finals(events)] == [("stop", stop)]
 
 
@@ -314,8 +319,11 @@ def test_chat_reroute_streams_in_chunks(server: Server) -> None:
            "temperature": 0.0, "ttadapt": {"reroute": dict(REROUTE, interval=4)}}
     status, chat, _ = server.post("/v1/chat/completions", req)
     assert status == 200, chat
-    events, headers = _stream(server, "/v1/chat/completions", req)
+    events, headers = _stream(server, "/v1/chat/completions", dict(req, return_token_ids=True))
     assert _joined(events, chat=True) == [chat["choices"][0]["message"]["content"]]
+    ids = server.post("/v1/chat/completions", dict(req, return_token_ids=True))[1]
+    assert _streamed_ids(events) == ids["choices"][0]["token_ids"] and len(ids["choices"][0]["token_ids"]) == 10
+    assert events[0]["prompt_token_ids"] == ids["prompt_token_ids"]
     assert events[0]["object"] == "chat.completion.chunk" and events[0]["choices"][0]["delta"]["role"] == "assistant"
     assert json.loads(headers["x-ttadapt"])["mode"] == "chunked" and len(_finals(events)) == 1
 

@@ -6,7 +6,9 @@ until a sample really ends, usage once at the end. vLLM holds back text that cou
 string only within a request, so a stop string straddling two chunks would be streamed before it is
 seen: every sample's last ``max(len(stop)) - 1`` characters are held until more text shows they
 cannot start one, and a stop found across a chunk boundary ends the sample there (the chunk loop
-cuts its tokens at the same place).
+cuts its tokens at the same place). With ``return_token_ids``, token ids stream as vLLM streams them
+(a delta per event, the prompt's ids on the first event), except that a chunk's first tokens wait
+while a stop could still straddle its boundary, so no id past a straddling stop is ever sent.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from ttadapt.vllm.chunks import StopAt
 
 __all__ = ["ChunkStream", "SSEParser"]
 
@@ -48,15 +52,23 @@ class _Sample:
     emitted: int = 0  # how many of them went to the client
     bounds: list[int] = field(default_factory=list)  # offsets in ``received`` where a later chunk began
     cut: tuple[int, int, str] | None = None  # (start, end, stop) of a stop straddling a chunk boundary
-    started: bool = False  # chat: the first event (with the role) went out
+    started: bool = False  # the first event (chat: with the role) went out
+    ids: list[int] = field(default_factory=list)  # every token id the inner requests streamed
+    ids_sent: int = 0
+    chunk_ids: int = 0  # where the current chunk's ids begin in ``ids``
+    cut_ids: int | None = None  # ids to keep through the token completing ``cut`` (None: unknown)
 
 
 class ChunkStream:
-    """One streamed response over the chunks of a request with ``n`` samples (``chat``: chat-chunk events)."""
+    """One streamed response over the chunks of a request with ``n`` samples (``chat``: chat-chunk events).
+
+    ``prompt_ids`` (``return_token_ids``): stream token ids too; ``stop_at`` (the chunk loop's rule) then
+    says how many ids to keep when a stop straddles a chunk boundary.
+    """
 
     def __init__(
         self, emit: Emit, *, chat: bool, n: int, model: Any, stops: Sequence[str], include_stop: bool,
-        include_usage: bool,
+        include_usage: bool, prompt_ids: list[int] | None = None, stop_at: StopAt | None = None,
     ) -> None:
         self.emit = emit
         self.chat = chat
@@ -65,6 +77,8 @@ class ChunkStream:
         self.hold = max((len(s) for s in self.stops), default=1) - 1
         self.include_stop = include_stop
         self.include_usage = include_usage
+        self.prompt_ids = prompt_ids
+        self.stop_at = stop_at
         self.samples = [_Sample() for _ in range(n)]
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
@@ -76,14 +90,19 @@ class ChunkStream:
         s = self.samples[k]
         if s.received:
             s.bounds.append(len(s.received))
+        s.chunk_ids = len(s.ids)
 
-    async def text(self, k: int, text: str) -> None:
-        """Text of sample ``k`` from its current chunk: emit what can no longer be part of a straddling stop."""
+    async def text(self, k: int, text: str, ids: Sequence[int] = ()) -> None:
+        """Text (and token ids) of sample ``k`` from its current chunk: emit what can no longer be part of a
+        straddling stop."""
         s = self.samples[k]
+        s.ids.extend(ids)
         before = len(s.received)
         s.received += text
         if s.cut is None and s.bounds:
             s.cut = self._straddling(s, before)
+            if s.cut is not None and self.stop_at is not None and self.prompt_ids is not None:
+                s.cut_ids = self.stop_at(s.ids, s.chunk_ids)  # the completing token came with (or before) its text
         if s.cut is not None:
             upto = s.cut[1] if self.include_stop else s.cut[0]
         else:
@@ -92,17 +111,21 @@ class ChunkStream:
 
     def uncut(self, k: int) -> None:
         """The chunk loop went on with sample ``k`` despite its stop (``min_tokens``): stream on."""
-        self.samples[k].cut = None
+        self.samples[k].cut = self.samples[k].cut_ids = None
 
     async def finish(
-        self, k: int, finish_reason: str | None, stop_reason: Any, extra: dict[str, Any] | None = None
+        self, k: int, finish_reason: str | None, stop_reason: Any, extra: dict[str, Any] | None = None,
+        tokens: Sequence[int] | None = None,
     ) -> None:
-        """Sample ``k`` ended: the rest of its text (to its stop, if one straddled chunks) and its finish reason."""
+        """Sample ``k`` ended: the rest of its text (to its stop, if one straddled chunks) and its finish reason;
+        ``tokens``: its final token ids (the chunk loop's), whose unsent rest goes with this event."""
         s = self.samples[k]
         if s.cut is not None and finish_reason == "stop":
             upto, stop_reason = (s.cut[1] if self.include_stop else s.cut[0]), s.cut[2]
         else:
             upto = len(s.received)
+        if tokens is not None:
+            s.ids = list(tokens)
         await self._send(k, upto, finish_reason=finish_reason, stop_reason=stop_reason, final=True, extra=extra)
 
     async def end(self, prompt_tokens: int, completion_tokens: int) -> None:
@@ -134,20 +157,32 @@ class ChunkStream:
                 i = s.received.find(stop, i + 1)
         return min(hits, key=lambda h: (h[1], h[0])) if hits else None
 
+    def _safe_ids(self, s: _Sample) -> int:
+        """How many of ``s.ids`` cannot lie past a stop straddling the current chunk's boundary."""
+        if not self.stops or not s.bounds:
+            return len(s.ids)
+        if s.cut is not None:  # ids through the token completing the stop (as the chunk loop keeps them)
+            return min(len(s.ids), s.cut_ids) if s.cut_ids is not None else s.chunk_ids
+        # A straddling stop ends within ``hold`` characters of the boundary: past that, none can come.
+        return len(s.ids) if len(s.received) - s.bounds[-1] >= self.hold else s.chunk_ids
+
     async def _send(
         self, k: int, upto: int, *, finish_reason: str | None = None, stop_reason: Any = None, final: bool = False,
         extra: dict[str, Any] | None = None,
     ) -> None:
         s = self.samples[k]
         text = s.received[s.emitted:upto] if upto > s.emitted else ""
-        if not text and not final:
+        ids: list[int] = []
+        if self.prompt_ids is not None:
+            safe = len(s.ids) if final else self._safe_ids(s)
+            ids, s.ids_sent = s.ids[s.ids_sent:safe], max(s.ids_sent, safe)
+        if not text and not ids and not final:
             return
         s.emitted = max(s.emitted, upto)
+        first = not s.started
+        s.started = True
         if self.chat:
-            delta: dict[str, Any] = {"content": text}
-            if not s.started:
-                delta = {"role": "assistant", **delta}
-                s.started = True
+            delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
             choice: dict[str, Any] = {"index": k, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         else:
             choice = {"index": k, "text": text, "logprobs": None, "finish_reason": finish_reason}
@@ -155,6 +190,10 @@ class ChunkStream:
             choice["stop_reason"] = stop_reason
         event = {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
                  "choices": [choice]}
+        if self.prompt_ids is not None:  # as vLLM: ids per choice; the prompt's on its first event (chat: top level)
+            choice["token_ids"] = ids
+            if first:
+                (event if self.chat else choice)["prompt_token_ids"] = self.prompt_ids
         if extra:
             event.update(extra)
         await self._event(event)

@@ -62,6 +62,7 @@ class ChunkSeq:
     finish_reason: str | None = None
     chunks: int = 0
     last_got: int = 0  # tokens of its last chunk
+    straddled: bool = False  # ended by ``stop_at`` at a stop straddling two chunks (not by the decoder)
 
 
 class ChunkLoop:
@@ -69,8 +70,8 @@ class ChunkLoop:
 
     ``interval=None`` decodes everything in one chunk after the prefill round (no re-adaptation).
     ``min_tokens`` counts over all chunks; chunk ``c > 0`` of sample ``j`` is seeded ``seed + c * n + j``.
-    ``stop_at`` (e.g. :class:`StopStrings`) ends a sequence whose chunk ran to length when a stop that the
-    decoder could not see, one straddling two chunks, ends in it.
+    ``stop_at`` (e.g. :class:`StopStrings`) ends a sequence when a stop that the decoder could not see, one
+    straddling two chunks, ends in its last chunk before the decoder stopped.
     """
 
     def __init__(
@@ -148,11 +149,12 @@ class ChunkLoop:
                 s.finish_reason = o.finish_reason
                 s.last_got = len(o.token_ids)
                 s.chunks += 1
-                if self.stop_at is not None and before and o.token_ids and o.finish_reason == "length":
+                if self.stop_at is not None and before and o.token_ids and o.finish_reason in ("length", "stop"):
+                    # A straddling stop ends the sequence unless the decoder stopped earlier on its own.
                     keep = self.stop_at(s.tokens, before)
-                    if keep is not None and keep >= self.min_tokens:
+                    if keep is not None and keep >= self.min_tokens and (o.finish_reason == "length" or keep < len(s.tokens)):
                         del s.tokens[keep:]
-                        s.finish_reason, s.last_got = "stop", keep - before
+                        s.finish_reason, s.last_got, s.straddled = "stop", keep - before, True
         self._chunk += 1
 
     def _continues(self, s: ChunkSeq) -> bool:

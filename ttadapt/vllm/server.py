@@ -250,12 +250,12 @@ class _Handler:
         if streamed:
             sink = ChunkStream(self._stream_emitter(summary), chat=chat, n=n, model=body.get("model"),
                                stops=stop_at.stops if stop_at else [], include_usage=usage,
-                               include_stop=bool(body.get("include_stop_str_in_output")))
+                               include_stop=bool(body.get("include_stop_str_in_output")),
+                               prompt_ids=ids if body.get("return_token_ids") else None, stop_at=stop_at)
             await self._chunked_stream(body, loop, trainer, sink, extra, summary, len(ids))
             return
         texts: list[str] = [""] * n
         stops: list[Any] = [None] * n
-        ran_out = [False] * n  # the inner request of the sequence's last chunk stopped at its length
         rounds: list[list[dict[str, Any]]] = [[] for _ in range(n)]
         head: tuple[dict[str, Any], list[tuple[bytes, bytes]]] | None = None  # the first chunk's response
 
@@ -276,7 +276,6 @@ class _Handler:
                 for k, ch in zip(req.seqs, choices):
                     texts[k] += ch.get("text") or ""
                     stops[k] = ch.get("stop_reason")
-                    ran_out[k] = ch.get("finish_reason") == "length"
                     rounds[k].append(record)
                 out.append([Decoded([int(t) for t in ch.get("token_ids") or []], ch.get("finish_reason"))
                             for ch in choices])
@@ -292,7 +291,7 @@ class _Handler:
         choices = sorted(obj["choices"], key=lambda c: c.get("index", 0))
         want_ids = bool(body.get("return_token_ids"))
         for k, s in enumerate(loop.seqs):
-            if stop_at is not None and ran_out[k] and s.finish_reason == "stop":  # a stop straddling two chunks
+            if stop_at is not None and s.straddled:  # the loop ended it at a stop straddling two chunks
                 texts[k], stops[k] = _cut_at_stop(stop_at, s.tokens, len(s.tokens) - s.last_got, body)
         for k, (s, ch) in enumerate(zip(loop.seqs, choices)):
             ch.update(text=texts[k], finish_reason=s.finish_reason, stop_reason=stops[k],
@@ -349,9 +348,10 @@ class _Handler:
                     sink.model = event.get("model")
                 for ch in event.get("choices") or []:
                     k = req.seqs[int(ch.get("index", 0))]
-                    got[k].extend(int(t) for t in ch.get("token_ids") or [])
-                    if ch.get("text"):
-                        await sink.text(k, ch["text"])
+                    new = [int(t) for t in ch.get("token_ids") or []]
+                    got[k].extend(new)
+                    if ch.get("text") or new:
+                        await sink.text(k, ch.get("text") or "", new)
                     if ch.get("finish_reason") is not None:
                         fin[k], stops[k] = ch["finish_reason"], ch.get("stop_reason")
 
@@ -396,7 +396,8 @@ class _Handler:
         uncut_continued()
         _add_rounds(summary, rounds)
         for k, s in enumerate(loop.seqs):
-            await sink.finish(k, s.finish_reason, stops[k], extra={FIELD: summary} if k == n - 1 else None)
+            await sink.finish(k, s.finish_reason, stops[k], extra={FIELD: summary} if k == n - 1 else None,
+                              tokens=s.tokens)
         await sink.end(prompt_tokens, sum(len(s.tokens) for s in loop.seqs))
         await self.out.send({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -438,8 +439,6 @@ def _prefill_only_reason(endpoint: str, body: dict[str, Any], spec: RequestSpec,
         return "search rounds=0 (no adaptation)" if spec.trainer == "search" else "steps=0 (no adaptation)"
     if cfg.interval is None:
         return "interval is null (prefill-only requested)"
-    if body.get("stream") and body.get("return_token_ids"):
-        return "'return_token_ids' is not supported when streaming with chunked re-adaptation"
     max_tokens = _max_tokens(body, endpoint)
     if max_tokens is None:
         return "max_tokens is null (chunked re-adaptation needs a limit: set max_tokens)"
