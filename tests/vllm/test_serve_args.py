@@ -19,6 +19,7 @@ from ttadapt.vllm.runtime import ServeConfig, ServerRuntime
 from ttadapt.vllm.search import SearchConfig
 from ttadapt.vllm.trainers import AdaptJob
 from ttadapt.vllm.serve import parse_args, resolve_vllm_name
+from ttadapt.vllm.server import _prefill_only_reason
 
 LAYOUT = Layout(layer_ids=(1, 2, 4), num_experts=8)
 
@@ -172,6 +173,17 @@ def test_schema_reroute_needs_a_trainer_and_one_payload_source() -> None:
     with pytest.raises(RequestError, match="send one of them"):
         parse_request({"ttadapt": {"state": "code"}, "vllm_xargs": {"ttadapt": [1, 1, 8, 0, -1] + [0.0] * 8}},
                       states=("code",))
+
+
+def test_chunked_chat_stays_prefill_only_under_a_reasoning_parser() -> None:
+    # Chunks are completions assembled by ttadapt, so vLLM's chat parsing (reasoning_content) would be
+    # skipped: with a reasoning parser on the server, chat falls back to prefill-only; completions do not.
+    spec = RequestSpec(reroute=RerouteConfig.preset("paper", interval=4), trainer="hf")
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 10}
+    assert _prefill_only_reason("chat", chat, spec, True) is None
+    why = _prefill_only_reason("chat", chat, spec, True, reasoning_parser="qwen3")
+    assert why is not None and "qwen3" in why and "/v1/completions" in why
+    assert _prefill_only_reason("completions", {"prompt": "hi", "max_tokens": 10}, spec, True, "qwen3") is None
 
 
 # ------------------------------------------------------------------------------------ request state

@@ -140,7 +140,7 @@ class _Handler:
             return  # vLLM's error (e.g. no chat template) was sent
         trainer = rt.chunk_trainer(spec, base, self._scorer() if spec.trainer == "search" else None)
         summary["trainer"] = spec.trainer
-        why = _prefill_only_reason(self.endpoint, body, spec, trainer.adapts)
+        why = _prefill_only_reason(self.endpoint, body, spec, trainer.adapts, self._reasoning_parser())
         if why is None:
             await self._chunked(body, spec, ids, trainer, summary)
             return
@@ -169,6 +169,12 @@ class _Handler:
             return None
         skip = bool(body.get("skip_special_tokens", True))
         return StopStrings(stops, lambda ids: tokenizer.decode(ids, skip_special_tokens=skip))
+
+    def _reasoning_parser(self) -> str:
+        """The server's ``--reasoning-parser`` ("" when none or unknown)."""
+        engine = getattr(getattr(self.inner.scope.get("app"), "state", None), "engine_client", None)
+        config = getattr(getattr(engine, "vllm_config", None), "structured_outputs_config", None)
+        return str(getattr(config, "reasoning_parser", "") or "")
 
     def _scorer(self) -> EngineScorer:
         """The search's scorer: this server's own engine client (what vLLM's endpoints submit to)."""
@@ -431,8 +437,11 @@ def _chunk_body(
     return _with_payload(out, payload, extra)
 
 
-def _prefill_only_reason(endpoint: str, body: dict[str, Any], spec: RequestSpec, adapts: bool) -> str | None:
-    """Why this request cannot be re-adapted every ``interval`` tokens (None: it can); ``adapts``: its trainer's."""
+def _prefill_only_reason(
+    endpoint: str, body: dict[str, Any], spec: RequestSpec, adapts: bool, reasoning_parser: str = ""
+) -> str | None:
+    """Why this request cannot be re-adapted every ``interval`` tokens (None: it can); ``adapts``: its trainer's;
+    ``reasoning_parser``: the server's (chunked chat replies are assembled without vLLM's chat parsing)."""
     cfg = spec.reroute
     assert cfg is not None
     if not adapts:
@@ -447,6 +456,9 @@ def _prefill_only_reason(endpoint: str, body: dict[str, Any], spec: RequestSpec,
     for key in _UNCHUNKABLE:
         if body.get(key) not in (None, False):
             return f"'{key}' is not supported with chunked re-adaptation"
+    if endpoint == "chat" and reasoning_parser:
+        return (f"the server's reasoning parser ({reasoning_parser}) splits chat replies as one request; "
+                "use /v1/completions for chunked re-adaptation")
     if endpoint == "chat":
         other = sorted(k for k, v in body.items() if k not in _CHAT_RENDER | _SAMPLING and v not in (None, False))
         if other:
