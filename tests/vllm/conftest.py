@@ -50,31 +50,16 @@ def model_path() -> str:
 
 def _vllm_ready_copy() -> str:
     import atexit
-    import json
     import shutil
     import tempfile
     from pathlib import Path
 
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     from ttadapt.demo import embedded_model_path
+    from ttadapt.vllm.bench_trainers import vllm_ready_copy
 
-    src = embedded_model_path()
     dst = Path(tempfile.mkdtemp(prefix="ttadapt-vllm-olmoe-"))
     atexit.register(shutil.rmtree, dst, ignore_errors=True)
-    for f in src.iterdir():
-        if f.is_file():
-            shutil.copyfile(f, dst / f.name)
-    index_path = dst / "model.safetensors.index.json"
-    index = json.loads(index_path.read_text())
-    shard = index["weight_map"]["model.embed_tokens.weight"]
-    with safe_open(str(dst / shard), framework="pt") as fh:
-        emb = fh.get_tensor("model.embed_tokens.weight")
-    save_file({"lm_head.weight": emb.clone()}, str(dst / "model-lm-head.safetensors"), metadata={"format": "pt"})
-    index["weight_map"]["lm_head.weight"] = "model-lm-head.safetensors"
-    index_path.write_text(json.dumps(index, indent=2))
-    return str(dst)
+    return str(vllm_ready_copy(embedded_model_path(), dst))
 
 
 def engine(**kwargs: Any) -> Any:

