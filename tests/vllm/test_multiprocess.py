@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 pytest.importorskip("vllm")
 
@@ -27,8 +28,11 @@ pytestmark = pytest.mark.vllm
 
 SCRIPT = r'''
 import json, sys
+import torch
+from transformers import AutoModelForCausalLM
 from vllm import SamplingParams
-from ttadapt.vllm import make_llm
+from ttadapt import RerouteConfig
+from ttadapt.vllm import generate, make_llm
 
 def main():
     job = json.loads(open(sys.argv[1]).read())
@@ -44,11 +48,15 @@ def main():
     except Exception as exc:
         bad = f"{type(exc).__name__}: {exc}"
     after = llm.generate(prompts[:1], sp(None), use_tqdm=False)[0]
+    hf = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32).eval()
+    chunked = generate(llm, job["prompts"][:2], hf_model=hf, reroute=RerouteConfig.preset(**job["reroute"]),
+                       max_tokens=job["n"], sampling={"temperature": 0.0})
     out = {
         "batched": [list(o.outputs[0].token_ids) for o in batched],
         "alone": [list(o.outputs[0].token_ids) for o in alone],
         "bad": bad,
         "after": list(after.outputs[0].token_ids),
+        "chunked": [g.token_ids for g in chunked],
     }
     open(sys.argv[2], "w").write(json.dumps(out))
 
@@ -71,7 +79,9 @@ def test_multiprocess_engine_matches_hf(vt: Any, hf_model: Any, tmp_path: Path, 
     states = [vt.random_state(handle, seed=50 + i) for i in range(3)]
     payloads = [encode_state(s) for s in states] + [None, steer_payload(promote=[5], num_experts=16, bias=50.0)]
     prompts = [vt.PROMPTS[i % len(vt.PROMPTS)] for i in range(len(payloads))]
-    job = {"model": vt.model_path(), "n": vt.NEW_TOKENS, "prompts": prompts, "payloads": payloads, "engine": engine}
+    reroute = {"name": "paper", "interval": 4}
+    job = {"model": vt.model_path(), "n": vt.NEW_TOKENS, "prompts": prompts, "payloads": payloads, "engine": engine,
+           "reroute": reroute}
     (tmp_path / "job.json").write_text(json.dumps(job))
     (tmp_path / "run.py").write_text(SCRIPT)
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
@@ -95,3 +105,10 @@ def test_multiprocess_engine_matches_hf(vt: Any, hf_model: Any, tmp_path: Path, 
     assert out["batched"][4] != vt.hf_greedy(hf_model, prompts[4], vt.NEW_TOKENS)
     assert out["bad"] is not None and "layers [42] are not MoE layers" in out["bad"]
     assert out["after"] == vt.hf_greedy(hf_model, prompts[0], vt.NEW_TOKENS)
+    # online rerouting with the engine decoding (HF trainer in this script's process) = HF ttadapt.generate
+    cfg = ttadapt.RerouteConfig.preset(**reroute)
+    for p, got in zip(prompts[:2], out["chunked"]):
+        ref = ttadapt.generate(hf_model, torch.tensor([p]), reroute=cfg, max_new_tokens=vt.NEW_TOKENS, do_sample=False,
+                               pad_token_id=1)
+        assert got == ref[0, len(p):].tolist()
+    assert any(got != vt.hf_greedy(hf_model, p, vt.NEW_TOKENS) for p, got in zip(prompts[:2], out["chunked"]))
