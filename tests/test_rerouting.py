@@ -303,6 +303,32 @@ def test_short_context_skips_adaptation() -> None:
     assert torch.equal(out, model.generate(_ids(23, 3), max_new_tokens=2, do_sample=False))
 
 
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_skipped_rounds_continue_from_the_decode_cache(cache: str | None) -> None:
+    # Every round has too few fit tokens: the state never changes, so the chunks continue from the
+    # decode cache (one prefill in all, as plain generate) instead of re-prefilling the context.
+    model = _olmoe(26)
+    ids = _ids(27, 6)
+    widths: list[int] = []
+    forward = model.forward
+
+    def spy(*args, **kwargs):
+        widths.append(int(kwargs["input_ids"].shape[1]) if kwargs.get("input_ids") is not None else -1)
+        return forward(*args, **kwargs)
+
+    kw = dict(max_new_tokens=11, do_sample=False, cache_implementation=cache)
+    want = model.generate(ids, **kw)
+    model.forward = spy
+    try:
+        out, trace = ttadapt.generate(model, ids, reroute=FAST.replace(interval=3, min_tokens=1000),
+                                      return_trace=True, **kw)
+    finally:
+        del model.forward
+    assert trace.num_rounds == 4 and all(r.skipped for r in trace.rounds)
+    assert [w for w in widths if w != 1] == [6]
+    assert torch.equal(out, want)
+
+
 def test_guard_never_worsens_heldout_context_loss() -> None:
     model = _olmoe(24)
     ids = _ids(25, 40)

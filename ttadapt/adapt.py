@@ -120,8 +120,9 @@ class RoundRunner:
         """Adapt ``handle.state`` on the context ``ids`` and return the cache to continue from.
 
         ``prior``: a list holding the decode cache over ``ids[:, :-1]`` under the current state, if any;
-        with ``RerouteConfig.window`` the round reads the prefix's keys/values from it instead of
-        recomputing them. The round takes the cache out of the list, so it can free it before building its own.
+        a skipped round returns it (the state did not change), and with ``RerouteConfig.window`` the round
+        reads the prefix's keys/values from it instead of recomputing them. The round takes the cache out of
+        the list, so it can free it before building its own.
         """
         old = prior.pop() if prior else None
         cfg, handle = self.cfg, self.handle
@@ -137,7 +138,9 @@ class RoundRunner:
         short = fit_m.sum(dim=1) < cfg.min_tokens
         if cfg.steps == 0 or bool(short.all()) or (bool(short.any()) and state.delta.dim() != 3):
             trace.skipped = "steps=0" if cfg.steps == 0 else f"fewer than {cfg.min_tokens} fit tokens"
-            return RoundResult(cache=stale_cache if policy == "stale" else None, trace=trace)
+            return RoundResult(cache=stale_cache if policy == "stale" else old, trace=trace)
+        if cfg.window is None:
+            old = None  # only a window reads it: free it before the round builds its own cache
         if bool(short.any()):
             trace.events.append(f"rows {short.nonzero().flatten().tolist()} have fewer than {cfg.min_tokens} fit tokens: kept their state")
         if not cfg.warm_start:

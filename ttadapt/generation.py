@@ -258,7 +258,7 @@ class Rerouter:
                     if produced >= max_new or got < chunk or bool(finished.all()) or not chunked:
                         break
                     stale = out.past_key_values if cfg.kv_policy == "stale" else None
-                    prior = [out.past_key_values] if cfg.window is not None else None  # the window's prefix KV
+                    prior = [out.past_key_values]  # a skipped round continues from it; a window reads its prefix
                     cache = out = None  # the round rebuilds the cache: do not hold two
                     res = _round(runner, handle, ids, mask, prompt_len, stale, finished, prior)
                     trace.rounds.append(res.trace)
