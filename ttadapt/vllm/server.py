@@ -159,8 +159,7 @@ class _Handler:
         stops = [stop] if isinstance(stop, str) else [x for x in stop if isinstance(x, str)] if isinstance(stop, list) else []
         if not stops:
             return None
-        engine = getattr(getattr(self.inner.scope.get("app"), "state", None), "engine_client", None)
-        get = getattr(engine, "get_tokenizer", None)
+        get = getattr(self._engine_client(), "get_tokenizer", None)
         tokenizer = get() if callable(get) else None
         if inspect.isawaitable(tokenizer):
             tokenizer = await tokenizer
@@ -172,13 +171,16 @@ class _Handler:
 
     def _reasoning_parser(self) -> str:
         """The server's ``--reasoning-parser`` ("" when none or unknown)."""
-        engine = getattr(getattr(self.inner.scope.get("app"), "state", None), "engine_client", None)
-        config = getattr(getattr(engine, "vllm_config", None), "structured_outputs_config", None)
+        config = getattr(getattr(self._engine_client(), "vllm_config", None), "structured_outputs_config", None)
         return str(getattr(config, "reasoning_parser", "") or "")
 
+    def _engine_client(self) -> Any:
+        """vLLM's engine client (``app.state.engine_client``, what its endpoints submit to), or None."""
+        return getattr(getattr(self.inner.scope.get("app"), "state", None), "engine_client", None)
+
     def _scorer(self) -> EngineScorer:
-        """The search's scorer: this server's own engine client (what vLLM's endpoints submit to)."""
-        engine = getattr(getattr(self.inner.scope.get("app"), "state", None), "engine_client", None)
+        """The search's scorer: this server's own engine client."""
+        engine = self._engine_client()
         if engine is None:
             raise RequestError("the search trainer needs vLLM's engine client (app.state.engine_client), "
                                "which this server does not expose", status=500)
