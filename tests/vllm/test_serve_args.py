@@ -3,6 +3,7 @@ a request builds (trainer-less runtime). Runs in CI without vLLM; the server its
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import types
@@ -173,6 +174,23 @@ def test_schema_reroute_needs_a_trainer_and_one_payload_source() -> None:
     with pytest.raises(RequestError, match="send one of them"):
         parse_request({"ttadapt": {"state": "code"}, "vllm_xargs": {"ttadapt": [1, 1, 8, 0, -1] + [0.0] * 8}},
                       states=("code",))
+
+
+def test_logits_processor_on_an_unsupported_vllm_names_the_supported_releases(tmp_path) -> None:
+    # vLLM 0.34 removed the V1 logits-processor module: loading ours by name (--logits-processors) must say
+    # which vLLM releases are supported, not fail on a missing vLLM module.
+    fake = tmp_path / "vllm"
+    fake.mkdir()
+    (fake / "__init__.py").write_text('__version__ = "0.34.0"\n')
+    code = (
+        "from ttadapt.vllm.plugin import PluginUnavailableError\n"
+        "try:\n    import ttadapt.vllm.logits_processor\n"
+        "except PluginUnavailableError as exc:\n    print(exc)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(tmp_path)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "supports vLLM 0.32-0.33" in proc.stdout and "0.34.0 is installed" in proc.stdout
 
 
 def test_chunked_chat_stays_prefill_only_under_a_reasoning_parser() -> None:

@@ -22,10 +22,15 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from ttadapt.vllm import plugin
 from ttadapt.vllm.payload import PAYLOAD_KEY
+
+try:
+    from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+except ImportError:  # e.g. vLLM 0.34 dropped this (V1) interface: name the supported releases instead
+    plugin.check_version()
+    raise
 
 try:  # vLLM 0.32+: Model Runner V2's interface (import-light; no worker modules)
     from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as LogitsProcessorV2
