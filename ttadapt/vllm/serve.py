@@ -113,12 +113,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # Where each piece of vLLM's API server lives, newest layout first (0.33 moved the argument parser and
 # the environment set-up to ``vllm.entrypoints.common``; 0.32 had them under ``launchers`` / ``serve``).
+_CLI_ARGS = ("vllm.entrypoints.common.cli_args", "vllm.entrypoints.launchers.cli_args", "vllm.entrypoints.openai.cli_args")
 VLLM_SERVER_NAMES: dict[str, tuple[str, ...]] = {
     "run_server": ("vllm.entrypoints.launchers.api_server.entry", "vllm.entrypoints.openai.api_server"),
-    "make_arg_parser": ("vllm.entrypoints.common.cli_args", "vllm.entrypoints.launchers.cli_args",
-                        "vllm.entrypoints.openai.cli_args"),
-    "validate_parsed_serve_args": ("vllm.entrypoints.common.cli_args", "vllm.entrypoints.launchers.cli_args",
-                                   "vllm.entrypoints.openai.cli_args"),
+    "make_arg_parser": _CLI_ARGS,
+    "validate_parsed_serve_args": _CLI_ARGS,
     "cli_env_setup": ("vllm.entrypoints.common.startup", "vllm.entrypoints.serve.utils.api_utils"),
     "configure_logging_from_args": ("vllm.logger",),
     "FlexibleArgumentParser": ("vllm.utils.argparse_utils",),
