@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, OlmoeConfig, Qwen3MoeConfig, Stop
 
 import ttadapt
 from ttadapt.adapt import RoundRunner, position_ids
+from ttadapt.hf_compat import CACHE_KW
 
 
 def _olmoe(seed: int = 0, layers: int = 4) -> torch.nn.Module:
@@ -70,7 +71,7 @@ def test_cache_after_round_equals_fresh_forward(policy: str, factory) -> None:
         assert res.trace.skipped is None and res.trace.delta_mean_abs > 0
         assert min(res.trace.selected_layers) > 0  # partial really skips a prefix here
         with torch.no_grad():
-            step = model(input_ids=ids[:, -1:], past_key_values=res.cache, use_cache=True).logits[:, -1]
+            step = model(input_ids=ids[:, -1:], **{CACHE_KW: res.cache}, use_cache=True).logits[:, -1]
             fresh = model(input_ids=ids).logits[:, -1]
         torch.testing.assert_close(step, fresh, rtol=1e-5, atol=1e-5)
 
@@ -482,7 +483,7 @@ def test_refit_batch_rows_equal_rows_alone_and_cache_is_exact() -> None:
         handle.load_state(handle.new_state(batch_size=2))
         res = RoundRunner(model, handle, REFIT).run(ids, torch.ones_like(ids), ids.shape[1], want_cache=True)
         with torch.no_grad():
-            step = model(input_ids=ids[:, -1:], past_key_values=res.cache, use_cache=True).logits[:, -1]
+            step = model(input_ids=ids[:, -1:], **{CACHE_KW: res.cache}, use_cache=True).logits[:, -1]
             fresh = model(input_ids=ids).logits[:, -1]
     torch.testing.assert_close(step, fresh, rtol=1e-5, atol=1e-5)
 
@@ -502,7 +503,7 @@ def test_memory_mode_keeps_results_and_cache_exact(policy: str, guard: bool, ref
             handle.load_state(handle.new_state())
             res = RoundRunner(model, handle, c).run(ids, torch.ones_like(ids), ids.shape[1], want_cache=True)
             with torch.no_grad():
-                step = model(input_ids=ids[:, -1:], past_key_values=res.cache, use_cache=True).logits[:, -1]
+                step = model(input_ids=ids[:, -1:], **{CACHE_KW: res.cache}, use_cache=True).logits[:, -1]
                 fresh = model(input_ids=ids).logits[:, -1]
             torch.testing.assert_close(step, fresh, rtol=1e-5, atol=1e-5)
             results.append((handle.state.delta.detach().clone(), res.trace.chosen))

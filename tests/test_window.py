@@ -11,6 +11,7 @@ from transformers import DynamicCache
 
 import ttadapt
 from ttadapt.adapt import RoundRunner
+from ttadapt.hf_compat import CACHE_KW, output_cache
 from ttadapt.window import Window, covers, open_window, prefix_view
 
 from .test_rerouting import _ids, _olmoe, left_padded
@@ -26,9 +27,9 @@ def _truncated_step(model: torch.nn.Module, ids: torch.Tensor, window: int, lr: 
     with ttadapt.patch(model) as handle:
         handle.load_state(handle.new_state())
         with torch.no_grad():
-            past = model(input_ids=x[:, :start], use_cache=True).past_key_values
+            past = output_cache(model(input_ids=x[:, :start], use_cache=True))
         with handle.trainable() as delta:
-            logits = model(input_ids=x[:, start:], past_key_values=past, use_cache=True).logits
+            logits = model(input_ids=x[:, start:], **{CACHE_KW: past}, use_cache=True).logits
             F.cross_entropy(logits[0], y[0, start:]).backward()
             return -lr * delta.grad.detach().clone()
 
@@ -95,7 +96,7 @@ def test_cache_after_a_windowed_round_is_exact_and_memory_mode_changes_nothing(
             res = RoundRunner(model, handle, c).run(ids, torch.ones_like(ids), ids.shape[1], want_cache=True)
             assert res.trace.window_start == ids.shape[1] - 1 - 14
             with torch.no_grad():
-                step = model(input_ids=ids[:, -1:], past_key_values=res.cache, use_cache=True).logits[:, -1]
+                step = model(input_ids=ids[:, -1:], **{CACHE_KW: res.cache}, use_cache=True).logits[:, -1]
                 fresh = model(input_ids=ids).logits[:, -1]
             torch.testing.assert_close(step, fresh, rtol=1e-5, atol=1e-5)
             results.append((handle.state.delta.detach().clone(), res.trace.chosen, res.trace.fit_loss))
@@ -120,7 +121,7 @@ def test_prior_cache_gives_the_same_round_and_is_kept_on_no_change(min_gain: flo
         with ttadapt.patch(model) as handle:
             handle.load_state(handle.new_state())
             with torch.no_grad():
-                prior = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+                prior = output_cache(model(input_ids=ids[:, :-1], use_cache=True))
             kept = [layer.keys.clone() for layer in prior.layers]
             res = RoundRunner(model, handle, cfg).run(
                 ids, torch.ones_like(ids), ids.shape[1], want_cache=True, prior=[prior] if use_prior else None
@@ -176,11 +177,11 @@ def test_prefix_view_leaves_the_source_intact_and_restore_trims_appends() -> Non
     model = _olmoe(13)
     ids = _ids(14, 12)
     with torch.no_grad():
-        cache = model(input_ids=ids, use_cache=True).past_key_values
+        cache = output_cache(model(input_ids=ids, use_cache=True))
         view = prefix_view(cache, 5, rows=1)
         assert view is not None and all(layer.keys.shape[-2] == 5 for layer in view.layers)
         win = Window(5, view)
-        model(input_ids=ids[:, 5:8], past_key_values=view, use_cache=True, position_ids=torch.arange(5, 8)[None])
+        model(input_ids=ids[:, 5:8], **{CACHE_KW: view}, use_cache=True, position_ids=torch.arange(5, 8)[None])
         assert all(layer.keys.shape[-2] == 8 for layer in view.layers)
         win.restore()
     assert all(layer.keys.shape[-2] == 5 for layer in view.layers)

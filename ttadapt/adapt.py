@@ -19,6 +19,7 @@ from torch import nn
 from ttadapt.chunked_loss import LossHead, LossOutput
 from ttadapt.config import RerouteConfig
 from ttadapt.handle import PatchHandle
+from ttadapt.hf_compat import CACHE_KW, output_cache
 from ttadapt.layer_skip import LayerInputs, checkpoint_from, skip_below, splice_cache, supports_partial, truncate_cache
 from ttadapt.selection import needs_confidence, select_layers
 from ttadapt.trace import RoundTrace
@@ -93,7 +94,7 @@ class RoundRunner:
         With ``past``, ``x`` is the window and ``xm`` the whole context's mask; the prefix cache is
         restored after the forward (no cache is returned then).
         """
-        kw = {} if past is None else {"past_key_values": past.past}  # read (and appended to) without use_cache
+        kw = {} if past is None else {CACHE_KW: past.past}  # read (and appended to) without use_cache
         if past is not None:
             past.restore()  # a checkpointed backward since the last forward re-appended the window
         try:
@@ -101,7 +102,7 @@ class RoundRunner:
                 out = self.loss_head(y, input_ids=x, attention_mask=xm, position_ids=pos, use_cache=use_cache, **kw)
             else:
                 o = self._forward(x, xm, pos, use_cache=use_cache, **kw)
-                out = LossOutput(token_losses(o.logits, y), o.past_key_values)
+                out = LossOutput(token_losses(o.logits, y), output_cache(o))
         finally:
             if past is not None:
                 past.restore()
@@ -304,7 +305,7 @@ class RoundRunner:
                 out = self._forward(x, xm, pos, use_cache=use_cache)
             else:
                 out = head.decoder(input_ids=x, attention_mask=xm, position_ids=pos, use_cache=use_cache, return_dict=True)
-            return LossOutput(torch.empty(0), out.past_key_values if use_cache else None)
+            return LossOutput(torch.empty(0), output_cache(out) if use_cache else None)
 
         return run
 

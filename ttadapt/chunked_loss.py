@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ttadapt.hf_compat import output_cache
+
 _VERIFIED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
@@ -84,4 +86,4 @@ class LossHead:
         for i in range(0, B * T, self.chunk):
             hs, ts = h[i : i + self.chunk], t[i : i + self.chunk]
             parts.append(checkpoint(_chunk_losses, hs, ts, w, b, use_reentrant=False) if grad else _chunk_losses(hs, ts, w, b))
-        return LossOutput(torch.cat(parts).view(B, T), getattr(out, "past_key_values", None))
+        return LossOutput(torch.cat(parts).view(B, T), output_cache(out))

@@ -19,6 +19,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from ttadapt.adapt import RoundResult, RoundRunner
 from ttadapt.config import RerouteConfig
 from ttadapt.handle import PatchHandle, get_handle, patch
+from ttadapt.hf_compat import CACHE_KW, output_cache
 from ttadapt.layer_skip import expand_rows
 from ttadapt.state import RouterState
 from ttadapt.static_decode import StaticDecodeCache, wants_static
@@ -235,11 +236,11 @@ class Rerouter:
                     out = self.model.generate(
                         input_ids=ids,
                         attention_mask=mask,
-                        past_key_values=cache,
                         generation_config=gen,
                         logits_processor=procs,
                         stopping_criteria=criteria,
                         streamer=stream,
+                        **{CACHE_KW: cache},
                     )
                     trace.decode_time += time.perf_counter() - t0
                     for key in _PER_STEP_OUTPUTS:
@@ -257,8 +258,8 @@ class Rerouter:
                     ids = out.sequences
                     if produced >= max_new or got < chunk or bool(finished.all()) or not chunked:
                         break
-                    stale = out.past_key_values if cfg.kv_policy == "stale" else None
-                    prior = [out.past_key_values]  # a skipped round continues from it; a window reads its prefix
+                    stale = output_cache(out) if cfg.kv_policy == "stale" else None
+                    prior = [output_cache(out)]  # a skipped round continues from it; a window reads its prefix
                     cache = out = None  # the round rebuilds the cache: do not hold two
                     res = _round(runner, handle, ids, mask, prompt_len, stale, finished, prior)
                     trace.rounds.append(res.trace)
