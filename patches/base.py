@@ -38,7 +38,10 @@ def default_reader(out: Any, top_k: int | None = None) -> tuple[torch.Tensor, to
 
 
 def index_first_reader(out: Any, top_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """GraniteMoE (+Shared, +Hybrid) and Aria return (indices, weights, logits)."""
+    """GraniteMoE (+Shared, +Hybrid) and Aria return (indices, weights, logits) up to transformers 5.19,
+    (logits, weights, indices) in later releases; the indices are the integer tensor."""
+    if out[0].is_floating_point():
+        return default_reader(out)
     return out[2], out[0]
 
 
@@ -91,6 +94,9 @@ class FamilySpec:
         reader: extracts (logits, indices) from the router output for the recorder, called as
             ``reader(out, top_k)``.
         style_options: keyword options passed to the style (e.g. Mixtral's unconditional renorm).
+        style_variants: further option sets for other transformers releases; at patch time the first
+            set (``style_options``, then these) whose style reproduces the installed router is used
+            (:mod:`ttadapt.patches.verify`), else the generic interception.
         num_classes_attr: router attribute holding the width of the logits when it is not the
             number of experts (Zaya's extra skip class, LongcatFlash's zero experts, Inkling's
             shared-expert gates); the state then has that many columns.
@@ -99,6 +105,8 @@ class FamilySpec:
             (DeepSeek-V4 hash layers).
         top_k_attr: dotted path from ``model.config`` to top-k when neither the router nor the usual
             config names hold it (DBRX ``ffn_config.moe_top_k``, Gemma4 ``top_k_experts``).
+        min_transformers: the oldest transformers release whose router layout this spec matches
+            ("" = every release ttadapt supports); older releases get a clear error at patch time.
         notes: one line for ``ttadapt patches``.
     """
 
@@ -112,9 +120,11 @@ class FamilySpec:
     force_margin: float = 0.01
     reader: OutputReader = default_reader
     style_options: dict[str, Any] = field(default_factory=dict)
+    style_variants: tuple[dict[str, Any], ...] = ()
     num_classes_attr: str | None = None
     router_class: str | None = None
     top_k_attr: str | None = None
+    min_transformers: str = ""
     notes: str = ""
 
     def __post_init__(self) -> None:

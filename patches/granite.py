@@ -1,7 +1,7 @@
 """GraniteMoE family: top-k on the fp32 logits, softmax over the selected values.
 
-GraniteMoE, -Shared and -Hybrid return ``(indices, weights, logits)``; -SWA returns
-``(logits, weights, indices)``. The routers are otherwise identical, and reproduced by the
+GraniteMoE, -Shared and -Hybrid return ``(indices, weights, logits)`` up to transformers 5.19 and
+``(logits, weights, indices)`` later (``style_variants``); -SWA returns ``(logits, weights, indices)``. The routers are otherwise identical, and reproduced by the
 ``topk_softmax`` style. Never-selected experts get zero gradient; k=1 gets none at all.
 """
 
@@ -16,6 +16,7 @@ SPECS = tuple(
         router_attr="block_sparse_moe.router",
         style="topk_softmax",
         style_options={**_OPTS, "index_first": True},
+        style_variants=(_OPTS,),
         reader=index_first_reader,
         selection_options=_BOTH,
         notes=f"top-k on logits then softmax over the k{extra}",

@@ -16,9 +16,11 @@ def _cmd_patches(args: argparse.Namespace) -> int:
     for name in sorted(specs):
         s = specs[name]
         opts = ", ".join(s.selection_options)
-        print(f"{name:<20} {s.router_attr:<28} {s.style:<14} {s.scoring:<8} {s.bias_affects} ({opts})")
+        since = f"  [transformers >= {s.min_transformers}]" if s.min_transformers else ""
+        print(f"{name:<20} {s.router_attr:<28} {s.style:<14} {s.scoring:<8} {s.bias_affects} ({opts}){since}")
     print(f"\n{len(specs)} model types. 'selection+weights': the bias enters the router scores (changes which "
-          "experts are picked and their weights; delta gets a gradient). 'selection': it moves only the choice.")
+          "experts are picked and their weights; delta gets a gradient). 'selection': it moves only the choice. "
+          "Hand-written styles are checked against the installed transformers when a model is patched.")
     return 0
 
 

@@ -13,7 +13,7 @@ from ttadapt.errors import AlreadyPatchedError, NotPatchedError
 from ttadapt.model_info import MoEInfo, inspect_model, unwrap
 from ttadapt.patches.base import BiasAffects
 from ttadapt.patches._generic import generic_forward
-from ttadapt.patches.styles import STYLES
+from ttadapt.patches.verify import Binding, bind_style
 from ttadapt.recording import RoutingRecorder
 from ttadapt.state import RouterState
 
@@ -38,6 +38,7 @@ class PatchHandle:
         self._straight_through = False
         self._batch: int | None = None  # sequences in the running forward (checked against per-row states)
         self._hooks: list[Any] = []
+        self.bindings: dict[type, Binding] = {}  # per router class: the verified style, or generic
 
     # ------------------------------------------------------------------ introspection
     @property
@@ -69,14 +70,22 @@ class PatchHandle:
     # ------------------------------------------------------------------ binding
     def _install(self) -> None:
         spec = self.info.spec
-        style = STYLES.get(spec.style)
-        if spec.style != "generic" and style is None:
-            raise ValueError(f"{spec.model_type}: unknown router style {spec.style!r}")
         try:
             for slot, site in enumerate(self.info.sites):
                 router = site.module
+                orig = router.forward
+                binding = self.bindings.get(type(router))
+                if binding is None:
+                    binding = self.bindings[type(router)] = bind_style(spec, router, orig, site.num_experts)
                 self._originals.append((router, "forward" in router.__dict__, router.__dict__.get("forward")))
-                router.forward = self._make_forward(slot, router, router.forward, style, site.num_experts)
+                router.forward = self._make_forward(slot, router, orig, binding, site.num_experts)
+            if self._selection_only and self.uses_generic:
+                raise ValueError(
+                    f"bias_affects='selection' needs ttadapt's hand-written {spec.model_type} router, which "
+                    f"does not match this transformers release ({self._fallback_reason()}); patch with "
+                    "bias_affects='selection+weights' (the generic interception, exact) or install a "
+                    "transformers release the style was verified on (README)"
+                )
             body = _decoder_body(unwrap(self.model), spec.layers_path)
             self._hooks = [
                 body.register_forward_pre_hook(self._note_batch, with_kwargs=True),
@@ -86,6 +95,14 @@ class PatchHandle:
             self._restore()
             raise
         self._patched = True
+
+    @property
+    def uses_generic(self) -> bool:
+        """Whether any router runs the generic interception (declared so, or its style did not verify)."""
+        return any(b.style is None for b in self.bindings.values())
+
+    def _fallback_reason(self) -> str:
+        return "; ".join(b.fallback_reason for b in self.bindings.values() if b.fallback_reason)
 
     def _note_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         x = kwargs.get("input_ids")
@@ -106,9 +123,9 @@ class PatchHandle:
                 "make the state for this batch (RouterState.zeros(model, batch_size=B), state.select_rows(...))"
             )
 
-    def _make_forward(self, slot: int, router: nn.Module, orig: Any, style: Any, num_classes: int) -> Any:
+    def _make_forward(self, slot: int, router: nn.Module, orig: Any, binding: Binding, num_classes: int) -> Any:
         spec = self.info.spec
-        opts = spec.style_options
+        style, opts = binding.style, binding.options
         margin = spec.force_margin
         reader = spec.reader
         top_k = self.info.sites[slot].top_k
@@ -287,7 +304,7 @@ class PatchHandle:
         """Inside the block, hand-written styles give routing weights the dense-softmax gradient
         (forward values unchanged). Generic-style families ignore it."""
         previous = self._straight_through
-        self._straight_through = enabled and self.info.spec.style != "generic"
+        self._straight_through = enabled and not self.uses_generic
         try:
             yield
         finally:
@@ -295,9 +312,10 @@ class PatchHandle:
 
     def __repr__(self) -> str:
         status = "patched" if self._patched else "unpatched"
+        styles = "/".join(sorted({b.name for b in self.bindings.values()})) or self.info.spec.style
         return (
             f"PatchHandle({self.model_type}, {status}, layers={self.moe_layers}, experts={self.num_experts}, "
-            f"top_k={self.top_k}, bias_affects={self.bias_affects!r}, style={self.info.spec.style!r})"
+            f"top_k={self.top_k}, bias_affects={self.bias_affects!r}, style={styles!r})"
         )
 
 

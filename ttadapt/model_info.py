@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ttadapt.patches import FamilySpec, RouterSite, find_sites, get_spec
+from ttadapt.patches import FamilySpec, RouterSite, UnsupportedModelError, find_sites, get_spec
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,7 @@ def inspect_model(model: nn.Module) -> MoEInfo:
             "(e.g. AutoModelForCausalLM.from_pretrained(...))"
         )
     spec = get_spec(model_type)
+    check_transformers(spec)
     sites = tuple(find_sites(model, spec))
     if not sites:
         raise ValueError(
@@ -83,3 +84,18 @@ def inspect_model(model: nn.Module) -> MoEInfo:
     if len(sizes) != 1:
         raise ValueError(f"{model_type}: layers have different expert counts {sorted(sizes)}; unsupported")
     return MoEInfo(model_type=model_type, spec=spec, sites=sites)
+
+
+def check_transformers(spec: FamilySpec) -> None:
+    """Raise a clear error when the installed transformers predates ``spec``'s router layout."""
+    if not spec.min_transformers:
+        return
+    import transformers
+    from packaging.version import Version
+
+    installed = Version(transformers.__version__)
+    if installed < Version(spec.min_transformers):
+        raise UnsupportedModelError(
+            f"ttadapt's {spec.model_type} patch needs transformers >= {spec.min_transformers} (the router layout it "
+            f"binds to); this is {transformers.__version__}: pip install -U 'transformers>={spec.min_transformers}'"
+        )
