@@ -36,6 +36,8 @@ SPECS = tuple(
         ("mimo_v2_flash", ""),
         ("axk1", ""),
         ("hy_v4", ""),
+        ("bailing_hybrid", "; hybrid linear-attention layers"),
+        ("dots3_note_text", ""),
     )
 ) + (
     FamilySpec(

@@ -43,6 +43,11 @@ _LINEAR_ATTN: dict[str, Any] = dict(
     linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=2,
 )
 
+_INKLING2: dict[str, Any] = dict(
+    unpadded_vocab_size=VOCAB, swa_num_attention_heads=2, swa_num_key_value_heads=1, swa_head_dim=16,
+    sliding_window_size=16, n_layers_per_attn_res_block=1,
+)
+
 # Per-family overrides (merged over the probed common keys).
 _OVERRIDES: dict[str, dict[str, Any]] = {
     "deepseek_v2": dict(_MLA, topk_method="group_limited_greedy", n_group=2, topk_group=1),
@@ -90,13 +95,32 @@ _OVERRIDES: dict[str, dict[str, Any]] = {
         indexer_compress_ratio=2,
     ),
     "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv"], num_dense_layers=1),
-    "nemotron_h": dict(layers_block_type=["moe", "full_attention", "moe"], moe_shared_expert_intermediate_size=16),
+    "nemotron_h": dict(layers_block_type=["full_attention", "moe", "moe"], moe_shared_expert_intermediate_size=16),
     "laguna": dict(moe_router_logit_softcapping=30.0),
     "inkling_text": dict(
         swa_num_attention_heads=2, swa_num_key_value_heads=1, swa_head_dim=16, sliding_window_size=16,
         d_rel=4, rel_extent=16, n_shared_experts=1,
     ),
     "hunyuan_v1_moe": dict(moe_topk=2),
+    # Families added after transformers 5.19 (skipped on releases without them).
+    "bailing_hybrid": dict(
+        _MLA, layer_types=["linear_attention", "full_attention", "linear_attention"], layer_group_size=2,
+        mlp_layer_types=["dense", "sparse", "sparse"], num_experts_per_token=2, num_expert_group=2,
+        linear_head_dim=8, linear_num_heads=2, num_shared_experts=1, expert_swiglu_limit_list=[0, 0, 0],
+        share_expert_swiglu_limit_list=[0, 0, 0], num_nextn_predict_layers=0,
+    ),
+    "beam": dict(
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], sliding_window=16,
+        mlp_layer_types=["dense", "sparse", "sparse"],
+    ),
+    "flint": dict(mlp_only_layers=[0], layer_types=["full_attention", "sliding_attention", "full_attention"], sliding_window=16),
+    "inkling2_text": dict(_INKLING2, layer_types=["hybrid_sliding", "hybrid", "hybrid_sliding"]),
+    "kolibri1_1": dict(
+        layer_types=["sliding_attention", "indexed_attention", "sliding_attention"], index_layers=[1],
+        kv_source_layers=[0, 1, 2], index_num_heads=2, index_topk=8, index_pool_size=64, index_compression=2,
+        index_num_local_tokens=4, index_num_sink_tokens=2, mlp_only_layers=[0], mlp_only_intermediate_size=32,
+        sliding_window=16,
+    ),
 }
 # Overrides for transformers releases whose config rejects the ones above (Qwen4-Exp's indexed attention
 # layers arrived in 5.18).
@@ -151,13 +175,14 @@ def _config_factory(model_type: str) -> Callable[[], Any]:
 
 #: Every family the tests build (the registry-completeness test demands it equals the registry).
 FAMILIES: tuple[str, ...] = (
-    "afmoe", "aria_text", "axk1", "axk2", "cohere2_moe", "dbrx", "deepseek_v2", "deepseek_v3", "deepseek_v32",
-    "deepseek_v4", "dots1", "ernie4_5_moe", "exaone_moe", "flex_olmo", "gemma4_text", "glm4_moe",
-    "glm4_moe_lite", "glm_moe_dsa", "gpt_oss", "granitemoe", "granitemoe_swa", "granitemoehybrid",
-    "granitemoeshared", "hunyuan_v1_moe", "hy_v3", "hy_v4", "inkling_text", "jamba", "jetmoe", "kimi_linear",
-    "laguna", "lfm2_moe", "llama4_text", "longcat_flash", "mellum", "mimo_v2_flash", "minimax", "minimax_m2",
-    "minimax_m3_vl_text", "mistral4", "mixtral", "nemotron_h", "olmoe", "phimoe", "qwen2_moe",
-    "qwen3_5_moe_text", "qwen3_moe", "qwen3_next", "qwen4_exp_text", "solar_open", "zaya",
+    "afmoe", "aria_text", "axk1", "axk2", "bailing_hybrid", "beam", "cohere2_moe", "dbrx", "deepseek_v2",
+    "deepseek_v3", "deepseek_v32", "deepseek_v4", "dots1", "dots3_note_text", "ergo", "ernie4_5_moe",
+    "exaone_moe", "flex_olmo", "flint", "gemma4_text", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "gpt_oss",
+    "granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe", "hy_v3", "hy_v4",
+    "inkling_text", "inkling2_text", "jamba", "jetmoe", "kimi_linear", "kolibri1",
+    "kolibri1_1", "laguna", "lara_mini", "lfm2_moe", "llama4_text", "longcat_flash", "mellum", "mimo_v2_flash",
+    "minicpm5_moe", "minimax", "minimax_m2", "minimax_m3_vl_text", "mistral4", "mixtral", "nemotron_h", "olmoe",
+    "phimoe", "qwen2_moe", "qwen3_5_moe_text", "qwen3_moe", "qwen3_next", "qwen4_exp_text", "solar_open", "zaya",
 )
 
 #: model_type -> zero-argument callable returning the tiny config of that family.

@@ -41,10 +41,11 @@ SOFTMAX = [mt for mt in FAMILIES if SPECS[mt].scoring == "softmax"]
 #: Hard forcing is best-effort where a group vote or a correction bias is applied after the edit:
 #: a forced-in expert can lose its group (sum of the top-2 per group) or be outranked by corrected
 #: scores. Everywhere else it is exact and asserted for every token.
-GROUP_VOTE = {mt for mt in FAMILIES if SPECS[mt].style == "sigmoid_group"} | {"axk2", "mistral4"}
+GROUP_VOTE = {mt for mt in FAMILIES if SPECS[mt].style == "sigmoid_group"} | {"axk2", "beam", "minicpm5_moe", "mistral4"}
 CORRECTION_BIAS = {
-    "afmoe", "deepseek_v4", "ernie4_5_moe", "hy_v3", "inkling_text", "laguna", "lfm2_moe", "longcat_flash",
-    "minimax_m2", "minimax_m3_vl_text",
+    "afmoe", "deepseek_v4", "ernie4_5_moe", "ergo", "hy_v3", "inkling_text", "inkling2_text",
+    "kolibri1", "kolibri1_1", "laguna", "lfm2_moe", "longcat_flash", "minicpm5_moe", "minimax_m2",
+    "minimax_m3_vl_text",
 }
 BEST_EFFORT_FORCING = GROUP_VOTE | CORRECTION_BIAS
 
@@ -635,6 +636,44 @@ def test_recorder_matches_the_routers(tiny_model, model_type: str) -> None:
         conf = rec.confidence()
         assert conf.shape == (len(h.moe_layers),) and torch.isfinite(conf).all()
         assert rec.num_calls == 1
+
+
+# ---------------------------------------------------------------------------------------------- adaptation
+#: Upper half of the MoE layers, no guard, large steps: the round changes ``delta`` and adapts above layer 0,
+#: where the optimised path replays the layers below and refreshes only the adapted layers' cache.
+_UPPER = ttadapt.RerouteConfig(lr=2.0, steps=2, interval=None, selection="last_n", ratio=0.5, guard=False, min_tokens=4)
+_STRAIGHT = {"prefix_reuse": False, "share_first_forward": False, "kv_policy": "full"}
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_adaptation_optimised_path_equals_straightforward(tiny_model, model_type: str) -> None:
+    model = tiny_model(model_type)
+    ids = _ids(12, length=12)
+    ref = ttadapt.Rerouter(model, _UPPER.replace(**_STRAIGHT)).adapt(ids)
+    fast, trace = ttadapt.Rerouter(model, _UPPER).adapt(ids, return_trace=True)
+    adapted = [i for i, lid in enumerate(ref.layer_ids) if lid >= trace.rounds[0].selected_layers[0]]
+    assert ref.layer_ids[adapted[0]] > ref.layer_ids[0]  # non-vacuous: layers below the adapted ones exist
+    assert ref.delta[adapted].abs().sum() > 0 and not ref.delta[: adapted[0]].any()
+    torch.testing.assert_close(fast.delta, ref.delta, rtol=1e-4, atol=1e-6)
+    outs = [
+        ttadapt.generate(model, ids, reroute=_UPPER.replace(interval=3, **kw), max_new_tokens=5, do_sample=False)
+        for kw in (_STRAIGHT, {})
+    ]
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_layers_that_cannot_be_replayed_are_recomputed(tiny_model) -> None:
+    from ttadapt.layer_skip import ReplayCheck, check_replay
+
+    model = tiny_model("zaya")  # its decoder layers return (hidden, router state) tuples
+    assert check_replay(model, model.model.layers, 0, 1) == ReplayCheck(True, True)
+    assert check_replay(model, model.model.layers, 2, 2) == ReplayCheck(False, False)
+    olmoe = tiny_model("olmoe")
+    assert check_replay(olmoe, olmoe.model.layers, 2, 2) == ReplayCheck(True, True)
+    longcat = tiny_model("longcat_flash")  # two cache entries per decoder layer
+    assert check_replay(longcat, longcat.model.layers, 1, 2) == ReplayCheck(True, False)
+    _, trace = ttadapt.Rerouter(model, _UPPER).adapt(_ids(13, length=12), return_trace=True)
+    assert any("recomputed" in e for e in trace.events)
 
 
 # ---------------------------------------------------------------------------------------------- real model

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, OlmoeConfig, Qwen3MoeConfig, Stop
 import ttadapt
 from ttadapt.adapt import RoundRunner, position_ids
 from ttadapt.hf_compat import CACHE_KW
+from ttadapt.layer_skip import check_replay
 
 
 def _olmoe(seed: int = 0, layers: int = 4) -> torch.nn.Module:
@@ -527,6 +528,8 @@ def test_shared_first_forward_is_exact_and_saves_a_forward(selection: str, weigh
     model = _olmoe(50)
     ids = torch.cat([_periodic(51), _periodic(52)])
     cfg = REFIT.replace(refit=False, selection=selection, weighting=weighting, kv_policy="partial", interval=6)
+    for lid in range(len(model.model.layers)):  # the once-per-model replay probes, not counted below
+        check_replay(model, model.model.layers, lid, ids.shape[0])
     calls: list[int] = []
     hook = model.model.register_forward_pre_hook(lambda *_: calls.append(1))
     try:

@@ -20,7 +20,15 @@ from ttadapt.chunked_loss import LossHead, LossOutput
 from ttadapt.config import RerouteConfig
 from ttadapt.handle import PatchHandle
 from ttadapt.hf_compat import CACHE_KW, output_cache
-from ttadapt.layer_skip import LayerInputs, checkpoint_from, skip_below, splice_cache, supports_partial, truncate_cache
+from ttadapt.layer_skip import (
+    LayerInputs,
+    check_replay,
+    checkpoint_from,
+    skip_below,
+    splice_cache,
+    supports_partial,
+    truncate_cache,
+)
 from ttadapt.selection import needs_confidence, select_layers
 from ttadapt.trace import RoundTrace
 from ttadapt.window import Window, covers, open_window
@@ -194,6 +202,10 @@ class RoundRunner:
                 picks = _unless_short([select_layers(cfg, state.layer_ids, conf[:, b]) for b in range(B)], short)
                 slots = sorted({s for sl, _ in picks for s in sl})
             first = state.layer_ids[min(slots)]
+            reuse = check_replay(self.model, self.layers, first, B)
+            if not reuse.replay:
+                trace.events.append(f"layers below {first} recomputed: replaying them is not exact for this model")
+                first = 0
             hidden = cap.inputs.get(first)  # over the window only, with one
             cap.inputs.clear()
             conf_full = conf_cache is not None
@@ -223,7 +235,9 @@ class RoundRunner:
 
         # 3. refresh: cache (and held-out loss) under the final delta
         t0 = time.perf_counter()
-        partial = policy == "partial" and (conf_cache is None or supports_partial(conf_cache)) and win is None
+        partial = (
+            policy == "partial" and (conf_cache is None or supports_partial(conf_cache)) and win is None and reuse.splice
+        )
         deferred = cfg.guard and cfg.refit  # the guard decides first, so the cache is built once, after it
         whole = hidden if win is None else None  # a window's layer input does not cover the context
         build = want_cache and policy != "stale" and not deferred

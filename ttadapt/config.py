@@ -43,8 +43,9 @@ class RerouteConfig:
         reset_per_prompt: start every ``generate``/``adapt`` call from zero (else persist in the Rerouter).
         loss_mask: which context tokens the next-token loss covers.
         kv_policy: after an update, ``partial`` recomputes the cache only for layers >= the lowest
-            adapted layer (exact), ``full`` re-prefills everything (exact), ``stale`` keeps the old
-            cache (new routing applies to new tokens only; approximate).
+            adapted layer (exact; where a model's cache cannot be spliced per layer, as probed once
+            per model, it re-prefills), ``full`` re-prefills everything (exact), ``stale`` keeps the
+            old cache (new routing applies to new tokens only; approximate).
         max_context: the loss covers at most the last ``max_context`` context tokens (None = all).
             Compute still covers the whole context; ``window`` bounds it.
         window: adaptation forwards and backwards run over only the last ``window`` context tokens
@@ -82,7 +83,9 @@ class RerouteConfig:
             the layers are chosen after that forward, so its backward reaches every MoE layer (the
             gradient mask keeps the selected ones); off while checkpointing.
         prefix_reuse: replay the layers below the lowest adapted layer from the confidence pass
-            instead of recomputing them every step (exact; off only to benchmark the plain loop).
+            instead of recomputing them every step (exact: probed once per model and layer, and
+            skipped for models whose layers pass more than their output on; off only to benchmark
+            the plain loop).
     """
 
     lr: float = 0.05

@@ -8,7 +8,9 @@ skipped layers (exact: those layers saw the same inputs and routing).
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -62,6 +64,83 @@ def skip_below(layers: nn.ModuleList, first: int, hidden: torch.Tensor | None) -
     finally:
         for layer in patched:
             layer.__dict__.pop("forward", None)
+
+
+@dataclass(frozen=True)
+class ReplayCheck:
+    """What a round may reuse below its lowest adapted layer ``first`` on one model."""
+
+    replay: bool  # the steps may replay layers < first from their captured input
+    splice: bool  # a partial refresh may take those layers' cache entries from an earlier forward
+
+
+#: Per model, the ``ReplayCheck`` of every layer probed so far.
+_CHECKS: weakref.WeakKeyDictionary[nn.Module, dict[int, ReplayCheck]] = weakref.WeakKeyDictionary()
+
+
+def check_replay(model: nn.Module, layers: nn.ModuleList, first: int, batch: int) -> ReplayCheck:
+    """Whether replaying the layers below ``first`` (``skip_below``), and splicing their cache entries
+    (``splice_cache``), reproduce ``model`` exactly.
+
+    They do when each decoder layer's output is the next layer's only input and cache entry ``i`` is
+    decoder layer ``i``'s. Some families pass more between layers (tuples, attention residuals over
+    earlier layers, keys/values shared across layers) or keep several cache entries per layer, so this
+    is probed once per model and layer on an 8-token input of ``batch`` rows (per-row states need their
+    batch size): logits with and without the replay, and the next token's logits from a spliced cache
+    against a freshly built one. A probe that differs or raises means recomputing those layers.
+    """
+    if first <= 0:
+        return ReplayCheck(True, True)
+    known = _CHECKS.setdefault(model, {})
+    if first not in known:
+        known[first] = _probe(model, layers, first, batch)
+    return known[first]
+
+
+def _probe(model: nn.Module, layers: nn.ModuleList, first: int, batch: int) -> ReplayCheck:
+    emb = model.get_input_embeddings()
+    ids = ((torch.arange(8, device=emb.weight.device) * 7 + 3) % emb.weight.shape[0]).unsqueeze(0).expand(batch, -1)
+    try:
+        with torch.no_grad():
+            with LayerInputs(layers, {first}) as cap:
+                full = model(input_ids=ids, use_cache=False).logits
+            hidden = cap.inputs.get(first)
+            if hidden is None:
+                return ReplayCheck(False, False)
+            with skip_below(layers, first, hidden):
+                replayed = model(input_ids=ids, use_cache=False).logits
+    except Exception:  # a layer whose output the next one unpacks (tuples) fails here: not replayable
+        return ReplayCheck(False, False)
+    if not _same(replayed, full):
+        return ReplayCheck(False, False)
+    try:
+        return ReplayCheck(True, _splice_is_exact(model, layers, first, ids))
+    except Exception:  # e.g. cache layers of other kinds than the spliced ones expect
+        return ReplayCheck(True, False)
+
+
+def _splice_is_exact(model: nn.Module, layers: nn.ModuleList, first: int, ids: torch.Tensor) -> bool:
+    """Next-token logits from a cache whose layers < ``first`` were spliced in, against a fresh cache's."""
+    from ttadapt.hf_compat import CACHE_KW, output_cache
+
+    ctx, nxt = ids[:, :-1], ids[:, -1:]
+    with torch.no_grad():
+        with LayerInputs(layers, {first}) as cap:
+            old = output_cache(model(input_ids=ctx, use_cache=True))
+        with skip_below(layers, first, cap.inputs[first]):
+            spliced = output_cache(model(input_ids=ctx, use_cache=True))
+        if not splice_cache(spliced, old, first):
+            return False
+        fresh = output_cache(model(input_ids=ctx, use_cache=True))
+        ref = model(input_ids=nxt, use_cache=True, **{CACHE_KW: fresh}).logits
+        out = model(input_ids=nxt, use_cache=True, **{CACHE_KW: spliced}).logits
+    return _same(out, ref)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape:
+        return False
+    return torch.equal(a, b) or float((a - b).abs().max()) <= 1e-5 * max(1.0, float(b.abs().max()))
 
 
 def splice_cache(new: Any, old: Any, first: int) -> bool:
