@@ -36,8 +36,12 @@ SPECS = tuple(
         ("mimo_v2_flash", ""),
         ("axk1", ""),
         ("hy_v4", ""),
-        ("bailing_hybrid", "; hybrid linear-attention layers"),
-        ("dots3_note_text", ""),
+    )
+) + tuple(
+    FamilySpec(model_type=mt, min_transformers=since, notes=f"sigmoid+corr grouped top-k (DeepSeek-V3 router){extra}", **_COMMON)
+    for mt, since, extra in (
+        ("bailing_hybrid", "5.20", "; hybrid linear-attention layers"),
+        ("dots3_note_text", "5.23", ""),
     )
 ) + (
     FamilySpec(

@@ -8,6 +8,7 @@ from .base import FamilySpec
 SPECS = (
     FamilySpec(
         model_type="ergo",
+        min_transformers="5.25",
         router_attr="mlp.gate",
         scoring="sigmoid",
         force_margin=30.0,

@@ -7,6 +7,7 @@ from .base import FamilySpec
 SPECS = (
     FamilySpec(
         model_type="flint",
+        min_transformers="5.21",
         router_attr="mlp.gate",
         scoring="sigmoid",
         notes="sigmoid top-k, renorm; generic interception",

@@ -9,6 +9,7 @@ from .base import FamilySpec
 SPECS = (
     FamilySpec(
         model_type="inkling2_text",
+        min_transformers="5.23",
         router_attr="mlp.gate",
         scoring="sigmoid",
         force_margin=30.0,

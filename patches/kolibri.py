@@ -11,7 +11,8 @@ SPECS = tuple(
         router_attr="mlp.gate",
         scoring="sigmoid",
         force_margin=30.0,
+        min_transformers=since,
         notes=f"top-k of logits + corr, sigmoid weights; generic interception{extra}",
     )
-    for mt, extra in (("kolibri1", ""), ("kolibri1_1", "; indexed sparse attention"))
+    for mt, since, extra in (("kolibri1", "5.20", ""), ("kolibri1_1", "5.25", "; indexed sparse attention"))
 )

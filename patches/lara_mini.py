@@ -8,6 +8,7 @@ from .base import FamilySpec
 SPECS = (
     FamilySpec(
         model_type="lara_mini",
+        min_transformers="5.24",
         router_attr="mlp.gate",
         notes="fp32 softmax top-k, renorm; hybrid Gated-DeltaNet layers; generic interception",
     ),
