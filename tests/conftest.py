@@ -35,7 +35,7 @@ _COMMON: dict[str, Any] = dict(
 # Multi-head latent attention (DeepSeek-V2/V3 style attention).
 _MLA: dict[str, Any] = dict(
     kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
-    qk_head_dim=16, head_dim=8,
+    qk_head_dim=16, head_dim=8, num_key_value_heads=2,  # MLA expands keys to every head, as real configs say
 )
 _DSA: dict[str, Any] = dict(_MLA, index_topk=4, index_head_dim=16, index_n_heads=2, num_key_value_heads=2)
 _LINEAR_ATTN: dict[str, Any] = dict(

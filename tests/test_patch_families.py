@@ -662,6 +662,19 @@ def test_adaptation_optimised_path_equals_straightforward(tiny_model, model_type
     assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_samples_share_the_prompt_round(tiny_model, model_type: str) -> None:
+    """``num_return_sequences``: the prompt is adapted once and its cache repeated per sample, or, for caches
+    that cannot repeat their rows (linear attention, model-specific layers), re-prefilled: same tokens."""
+    model = tiny_model(model_type)
+    ids = _ids(14, length=12)
+    cfg = _UPPER.replace(selection="all")
+    kw = {"max_new_tokens": 4, "do_sample": True, "top_k": 1}  # sampling from the top token only: greedy
+    one = ttadapt.generate(model, ids, reroute=cfg, **kw)
+    two = ttadapt.generate(model, ids, reroute=cfg, num_return_sequences=2, **kw)
+    assert torch.equal(two, one.repeat_interleave(2, dim=0))
+
+
 def test_layers_that_cannot_be_replayed_are_recomputed(tiny_model) -> None:
     from ttadapt.layer_skip import ReplayCheck, check_replay
 

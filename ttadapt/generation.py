@@ -20,7 +20,7 @@ from ttadapt.adapt import RoundResult, RoundRunner
 from ttadapt.config import RerouteConfig
 from ttadapt.handle import PatchHandle, get_handle, patch
 from ttadapt.hf_compat import CACHE_KW, output_cache
-from ttadapt.layer_skip import expand_rows
+from ttadapt.layer_skip import expand_rows, repeat_rows
 from ttadapt.state import RouterState
 from ttadapt.static_decode import StaticDecodeCache, wants_static
 from ttadapt.trace import AdaptationTrace, RoundTrace
@@ -344,10 +344,12 @@ def _given_state(state: RouterState, rows: int) -> RouterState:
 
 
 def _expand(ids: torch.Tensor, mask: torch.Tensor, cache: Any, n: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """Each prompt ``n`` times for its samples; a cache that cannot be repeated is dropped (``generate`` then
+    prefills the repeated prompts under the same state, which gives the same keys and values)."""
     ids = ids.repeat_interleave(n, dim=0)
     mask = mask.repeat_interleave(n, dim=0)
-    if cache is not None:
-        cache.batch_repeat_interleave(n)
+    if cache is not None and not repeat_rows(cache, n):
+        cache = None
     return ids, mask, cache
 
 

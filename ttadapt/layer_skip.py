@@ -176,6 +176,25 @@ def expand_rows(cache: Any, rows: torch.Tensor, batch: int) -> bool:
     return True
 
 
+#: transformers' generic cache layers, whose ``batch_repeat_interleave`` repeats everything they hold.
+_REPEATABLE_LAYERS = frozenset({"DynamicLayer", "DynamicSlidingWindowLayer", "DynamicIndexedLayer"})
+
+
+def repeat_rows(cache: Any, n: int) -> bool:
+    """Repeat every row of a DynamicCache ``n`` times in place (self-consistency samples of one prompt).
+
+    False (cache untouched) for other cache kinds: linear-attention and model-specific layers either lack
+    the method or leave part of their state unrepeated, and the caller then re-prefills instead.
+    """
+    layers = getattr(cache, "layers", None)
+    if type(cache).__name__ != "DynamicCache" or not layers:
+        return False
+    if any(type(layer).__name__ not in _REPEATABLE_LAYERS for layer in layers):
+        return False
+    cache.batch_repeat_interleave(n)
+    return True
+
+
 def _is_plain_dynamic(cache: Any) -> bool:
     layers = getattr(cache, "layers", None)
     return bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
