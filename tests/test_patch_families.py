@@ -675,6 +675,21 @@ def test_samples_share_the_prompt_round(tiny_model, model_type: str) -> None:
     assert torch.equal(two, one.repeat_interleave(2, dim=0))
 
 
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_static_decode_equals_dynamic_or_names_the_fix(tiny_model, model_type: str) -> None:
+    model = tiny_model(model_type)
+    ids = _ids(15, length=12)
+    cfg = _UPPER.replace(interval=3)
+    dynamic = ttadapt.generate(model, ids, reroute=cfg, max_new_tokens=5, do_sample=False)
+    try:
+        static = ttadapt.generate(model, ids, reroute=cfg, max_new_tokens=5, do_sample=False, cache_implementation="static")
+    except ValueError as exc:  # sliding-window, linear-attention, ... layers: refused before anything is patched
+        assert "leave cache_implementation unset" in str(exc)
+        assert ttadapt.get_handle(model) is None
+        return
+    assert torch.equal(static, dynamic)
+
+
 def test_layers_that_cannot_be_replayed_are_recomputed(tiny_model) -> None:
     from ttadapt.layer_skip import ReplayCheck, check_replay
 

@@ -19,7 +19,13 @@ class StaticDecodeCache:
     """A ``StaticCache`` for ``max_len`` tokens that each chunk's cache is loaded into."""
 
     def __init__(self, model: nn.Module, max_len: int) -> None:
-        cache = StaticCache(config=model.config, max_cache_len=max_len)
+        try:
+            cache = StaticCache(config=model.config, max_cache_len=max_len)
+        except (KeyError, ValueError, TypeError, NotImplementedError) as exc:  # e.g. DeepSeek-V4's layer kinds
+            raise ValueError(
+                f"transformers cannot build a static cache for {type(model).__name__} ({type(exc).__name__}: "
+                f"{exc}): leave cache_implementation unset (dynamic cache)"
+            ) from exc
         odd = sorted({type(layer).__name__ for layer in cache.layers if type(layer) is not StaticLayer})
         if odd:
             raise ValueError(
