@@ -8,6 +8,7 @@ skipped layers (exact: those layers saw the same inputs and routing).
 from __future__ import annotations
 
 import contextlib
+import copy
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -85,7 +86,7 @@ def check_replay(model: nn.Module, layers: nn.ModuleList, first: int, batch: int
     They do when each decoder layer's output is the next layer's only input and cache entry ``i`` is
     decoder layer ``i``'s. Some families pass more between layers (tuples, attention residuals over
     earlier layers, keys/values shared across layers) or keep several cache entries per layer, so this
-    is probed once per model and layer on an 8-token input of ``batch`` rows (per-row states need their
+    is probed once per model and layer on a 7-token input of ``batch`` rows (per-row states need their
     batch size): logits with and without the replay, and the next token's logits from a spliced cache
     against a freshly built one. A probe that differs or raises means recomputing those layers.
     """
@@ -98,43 +99,43 @@ def check_replay(model: nn.Module, layers: nn.ModuleList, first: int, batch: int
 
 
 def _probe(model: nn.Module, layers: nn.ModuleList, first: int, batch: int) -> ReplayCheck:
+    from ttadapt.hf_compat import CACHE_KW, output_cache
+
     emb = model.get_input_embeddings()
     ids = ((torch.arange(8, device=emb.weight.device) * 7 + 3) % emb.weight.shape[0]).unsqueeze(0).expand(batch, -1)
+    ctx, nxt = ids[:, :-1], ids[:, -1:]
     try:
         with torch.no_grad():
             with LayerInputs(layers, {first}) as cap:
-                full = model(input_ids=ids, use_cache=False).logits
-            hidden = cap.inputs.get(first)
-            if hidden is None:
-                return ReplayCheck(False, False)
-            with skip_below(layers, first, hidden):
-                replayed = model(input_ids=ids, use_cache=False).logits
-    except Exception:  # a layer whose output the next one unpacks (tuples) fails here: not replayable
-        return ReplayCheck(False, False)
-    if not _same(replayed, full):
+                full = model(input_ids=ctx, use_cache=True)
+            with skip_below(layers, first, cap.inputs[first]):
+                part = model(input_ids=ctx, use_cache=True)
+    except Exception:  # a layer whose output the next one unpacks (tuples), or a cache that needs every layer
+        return ReplayCheck(_replays_without_cache(model, layers, first, ctx), False)
+    if not _same(part.logits, full.logits):
         return ReplayCheck(False, False)
     try:
-        return ReplayCheck(True, _splice_is_exact(model, layers, first, ids))
+        with torch.no_grad():
+            old, spliced = output_cache(full), output_cache(part)
+            fresh = copy.deepcopy(old)  # splicing shares old's layers with the spliced cache
+            if not splice_cache(spliced, old, first):
+                return ReplayCheck(True, False)
+            ref = model(input_ids=nxt, use_cache=True, **{CACHE_KW: fresh}).logits
+            out = model(input_ids=nxt, use_cache=True, **{CACHE_KW: spliced}).logits
+        return ReplayCheck(True, _same(out, ref))
     except Exception:  # e.g. cache layers of other kinds than the spliced ones expect
         return ReplayCheck(True, False)
 
 
-def _splice_is_exact(model: nn.Module, layers: nn.ModuleList, first: int, ids: torch.Tensor) -> bool:
-    """Next-token logits from a cache whose layers < ``first`` were spliced in, against a fresh cache's."""
-    from ttadapt.hf_compat import CACHE_KW, output_cache
-
-    ctx, nxt = ids[:, :-1], ids[:, -1:]
-    with torch.no_grad():
-        with LayerInputs(layers, {first}) as cap:
-            old = output_cache(model(input_ids=ctx, use_cache=True))
-        with skip_below(layers, first, cap.inputs[first]):
-            spliced = output_cache(model(input_ids=ctx, use_cache=True))
-        if not splice_cache(spliced, old, first):
-            return False
-        fresh = output_cache(model(input_ids=ctx, use_cache=True))
-        ref = model(input_ids=nxt, use_cache=True, **{CACHE_KW: fresh}).logits
-        out = model(input_ids=nxt, use_cache=True, **{CACHE_KW: spliced}).logits
-    return _same(out, ref)
+def _replays_without_cache(model: nn.Module, layers: nn.ModuleList, first: int, ids: torch.Tensor) -> bool:
+    try:
+        with torch.no_grad():
+            with LayerInputs(layers, {first}) as cap:
+                full = model(input_ids=ids, use_cache=False).logits
+            with skip_below(layers, first, cap.inputs[first]):
+                return _same(model(input_ids=ids, use_cache=False).logits, full)
+    except Exception:
+        return False
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
