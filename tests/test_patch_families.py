@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 import ttadapt
 import ttadapt.patches as patches_pkg
+from ttadapt.hf_compat import CACHE_KW, output_cache
 from ttadapt import (
     AlreadyPatchedError,
     RouterState,
@@ -702,6 +703,27 @@ def test_layers_that_cannot_be_replayed_are_recomputed(tiny_model) -> None:
     assert check_replay(longcat, longcat.model.layers, 1, 2) == ReplayCheck(True, False)
     _, trace = ttadapt.Rerouter(model, _UPPER).adapt(_ids(13, length=12), return_trace=True)
     assert any("recomputed" in e for e in trace.events)
+
+
+def test_recorder_confidence_rows_over_a_prefill_and_decode_steps(tiny_model) -> None:
+    """Rows stay rows across several recorded forwards (a prefill of ``[B, S]`` then decode steps of ``[B, 1]``)."""
+    model = tiny_model("olmoe")
+    ids = _ids(16, batch=2, length=9)
+
+    def record(rows: torch.Tensor, h: ttadapt.PatchHandle) -> ttadapt.RoutingRecorder:
+        with h.record() as rec, torch.no_grad():
+            out = model(rows[:, :6], use_cache=True)
+            for t in range(6, 9):
+                out = model(rows[:, t : t + 1], use_cache=True, **{CACHE_KW: output_cache(out)})
+        assert rec.num_calls == 4
+        return rec
+
+    with ttadapt.patch(model) as h:
+        h.load_state(_random_state(h, 16))
+        both = record(ids, h).confidence_rows(2)
+        alone = torch.cat([record(ids[b : b + 1], h).confidence_rows(1) for b in range(2)], dim=1)
+        torch.testing.assert_close(both, alone, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(both[:, 0], both[:, 1])  # the rows differ: a mixed-up split would show
 
 
 # ---------------------------------------------------------------------------------------------- real model

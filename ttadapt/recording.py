@@ -84,12 +84,15 @@ class RoutingRecorder:
         return torch.stack(out)
 
     def confidence_rows(self, batch_size: int, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-layer, per-row confidence ``[L, B]`` for a forward over ``[B, S]`` tokens (``mask`` ``[B, S]``)."""
+        """Per-layer, per-row confidence ``[L, B]`` over forwards of ``[B, S_i]`` tokens (``mask``
+        ``[B, sum S_i]``, the forwards' columns side by side, e.g. a prefill then decode steps)."""
         out = []
-        for lid in self.layer_ids:
+        for slot, lid in enumerate(self.layer_ids):
             p = self.probs(lid)
             sel = p.gather(1, self.selected(lid).long())
-            per_token = -(sel.clamp_min(1e-30).log()).mean(dim=-1).view(batch_size, -1)
+            flat = -(sel.clamp_min(1e-30).log()).mean(dim=-1)
+            calls = flat.split([c.shape[0] for c in self._logits[slot]])
+            per_token = torch.cat([c.view(batch_size, -1) for c in calls], dim=1)
             m = torch.ones_like(per_token) if mask is None else mask.to(per_token.device).float()
             out.append((per_token * m).sum(dim=1) / m.sum(dim=1).clamp_min(1))
         return torch.stack(out)
