@@ -705,6 +705,14 @@ def test_layers_that_cannot_be_replayed_are_recomputed(tiny_model) -> None:
     assert any("recomputed" in e for e in trace.events)
 
 
+def test_straight_through_on_generic_routers_is_reported(tiny_model) -> None:
+    cfg = _UPPER.replace(straight_through=True)
+    _, generic = ttadapt.Rerouter(tiny_model("afmoe"), cfg).adapt(_ids(17, length=12), return_trace=True)
+    _, styled = ttadapt.Rerouter(tiny_model("olmoe"), cfg).adapt(_ids(17, length=12), return_trace=True)
+    assert any("straight_through ignored" in e for e in generic.events)
+    assert not any("straight_through" in e for e in styled.events)
+
+
 def test_recorder_confidence_rows_over_a_prefill_and_decode_steps(tiny_model) -> None:
     """Rows stay rows across several recorded forwards (a prefill of ``[B, S]`` then decode steps of ``[B, 1]``)."""
     model = tiny_model("olmoe")

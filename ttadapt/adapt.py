@@ -137,6 +137,8 @@ class RoundRunner:
         cfg, handle = self.cfg, self.handle
         state = handle.state
         trace = RoundTrace(position=int(ids.shape[1]))
+        if cfg.straight_through and handle.uses_generic:
+            trace.events.append("straight_through ignored: generic-interception routers pass only the top-k gradient")
         x, y, xm = ids[:, :-1], ids[:, 1:], mask[:, :-1]
         pos = position_ids(mask)[:, :-1]
         masks_cfg = cfg if cfg.window is None else cfg.replace(max_context=min(cfg.max_context or cfg.window, cfg.window))

@@ -71,7 +71,9 @@ class RerouteConfig:
         straight_through: during adaptation passes only, give the routing weights the gradient of
             the dense router softmax (straight-through: forward values unchanged), so experts outside
             the top-k receive gradient also in renormalising routers (Mixtral, Qwen3, GPT-OSS, ...).
-            Routers without renormalisation (OLMoE, Qwen2-MoE) already pass that gradient.
+            Routers without renormalisation (OLMoE, Qwen2-MoE) already pass that gradient. Only
+            hand-written router styles can (``ttadapt patches``); with generic interception it is
+            ignored, and each round's trace says so.
         checkpoint_min_tokens: long-context memory mode from this many context tokens on (None =
             never): gradient checkpointing in the adapted layers, and the next-token loss computed
             in chunks of tokens so the ``[tokens, vocab]`` logits never exist at once (exact up to
