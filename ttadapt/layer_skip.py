@@ -93,9 +93,12 @@ def check_replay(model: nn.Module, layers: nn.ModuleList, first: int, batch: int
     if first <= 0:
         return ReplayCheck(True, True)
     known = _CHECKS.setdefault(model, {})
-    if first not in known:
-        known[first] = _probe(model, layers, first, batch)
-    return known[first]
+    if first in known:
+        return known[first]
+    check = _probe(model, layers, first, batch)
+    if not model.training:  # dropout would make a training-mode probe fail by chance: ask again later
+        known[first] = check
+    return check
 
 
 def _probe(model: nn.Module, layers: nn.ModuleList, first: int, batch: int) -> ReplayCheck:
