@@ -48,3 +48,24 @@ def test_models_that_rescale_logits_keep_the_full_path() -> None:
     )
     model = AutoModelForCausalLM.from_config(cfg).eval()
     assert LossHead.for_model(model, torch.randint(2, 128, (1, 9))) is None
+
+
+class _Fp32Head(torch.nn.Linear):
+    """A head that casts its input to its weight's dtype and returns fp32 (as Ergo's does)."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden.to(self.weight.dtype)).float()
+
+
+def test_heads_with_their_own_forward_are_called_not_bypassed() -> None:
+    model = _olmoe()
+    old = model.lm_head
+    model.lm_head = _Fp32Head(old.in_features, old.out_features, bias=False, dtype=torch.bfloat16)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(old.weight)
+    ids = torch.randint(2, 128, (1, 12), generator=torch.Generator().manual_seed(2))
+    x, y = ids[:, :-1], ids[:, 1:]
+    head = LossHead.for_model(model, x, chunk=4)  # F.linear(fp32 hidden, bf16 weight) would raise here
+    assert head is not None
+    with torch.no_grad():
+        torch.testing.assert_close(head(y, input_ids=x).losses, token_losses(model(input_ids=x).logits, y))

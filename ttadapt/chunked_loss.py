@@ -32,8 +32,9 @@ class LossOutput:
     past_key_values: Any = None
 
 
-def _chunk_losses(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="none")
+def _chunk_losses(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # the head module itself, not F.linear on its weight: some heads cast their input (Ergo's fp32-output head)
+    return F.cross_entropy(head(hidden).float(), targets, reduction="none")
 
 
 def decoder_of(model: nn.Module) -> nn.Module | None:
@@ -71,8 +72,10 @@ class LossHead:
     @torch.no_grad()
     def _reproduces_logits(self, ids: torch.Tensor) -> bool:
         ref = self.model(input_ids=ids, use_cache=False).logits.float()
-        hidden = self.decoder(input_ids=ids, use_cache=False).last_hidden_state
-        mine = F.linear(hidden, self.head.weight, self.head.bias).float()
+        try:
+            mine = self.head(self.decoder(input_ids=ids, use_cache=False).last_hidden_state).float()
+        except (RuntimeError, TypeError, ValueError, AttributeError):  # a decoder or head the split cannot call
+            return False
         return ref.shape == mine.shape and torch.allclose(ref, mine, rtol=1e-4, atol=1e-4)
 
     def __call__(self, targets: torch.Tensor, **decoder_kwargs: Any) -> LossOutput:
@@ -80,10 +83,11 @@ class LossHead:
         hidden = out.last_hidden_state
         B, T, H = hidden.shape
         h, t = hidden.reshape(B * T, H), targets.reshape(B * T)
-        w, b = self.head.weight, self.head.bias
         grad = torch.is_grad_enabled() and h.requires_grad
         parts = []
         for i in range(0, B * T, self.chunk):
             hs, ts = h[i : i + self.chunk], t[i : i + self.chunk]
-            parts.append(checkpoint(_chunk_losses, hs, ts, w, b, use_reentrant=False) if grad else _chunk_losses(hs, ts, w, b))
+            parts.append(
+                checkpoint(_chunk_losses, self.head, hs, ts, use_reentrant=False) if grad else _chunk_losses(self.head, hs, ts)
+            )
         return LossOutput(torch.cat(parts).view(B, T), output_cache(out))
