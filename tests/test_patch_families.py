@@ -677,6 +677,19 @@ def test_samples_share_the_prompt_round(tiny_model, model_type: str) -> None:
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
+def test_beam_search_after_the_prompt_round(tiny_model, model_type: str) -> None:
+    model = tiny_model(model_type)
+    ids = _ids(18, length=12)
+    kw = {"max_new_tokens": 4, "num_beams": 2, "do_sample": False}
+    assert torch.equal(ttadapt.generate(model, ids, reroute=_UPPER.replace(steps=0), **kw), model.generate(ids, **kw))
+    adapted = ttadapt.generate(model, ids, reroute=_UPPER, **kw)
+    state = ttadapt.Rerouter(model, _UPPER).adapt(ids)
+    with ttadapt.patch(model) as h:  # the same state, each row's copied to its beams, decoded from scratch
+        h.load_state(state.select_rows(torch.arange(2).repeat_interleave(2)) if state.batch_size else state)
+        assert torch.equal(adapted, model.generate(ids, **kw))
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
 def test_static_decode_equals_dynamic_or_names_the_fix(tiny_model, model_type: str) -> None:
     model = tiny_model(model_type)
     ids = _ids(15, length=12)

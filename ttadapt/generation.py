@@ -220,9 +220,13 @@ class Rerouter:
                     if state.batch_size is not None or n_ret > 1:
                         handle.load_state(_expand_state(state, ids.shape[0], n_ret))
                     gen.num_return_sequences = 1
+                elif beams > 1:  # beam search runs rows x beams over the prompt (generate expands the ids only)
+                    _, _, cache = _expand(ids, mask, cache, beams)
+                    if state.batch_size is not None:
+                        handle.load_state(_expand_state(state, ids.shape[0] * beams, beams))
                 finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
                 procs = [_FinishedRows(finished, pad_id), *logits_processor]
-                criteria = StoppingCriteriaList([_RecordStops(stopping, finished)]) if stopping else None
+                criteria = StoppingCriteriaList([_RecordStops(stopping, finished)]) if stopping and beams == 1 else stopping
                 produced, out = 0, None
                 steps_out: dict[str, list[Any]] = {}  # per-token outputs of every chunk (scores, logits, ...)
                 while True:
@@ -249,6 +253,9 @@ class Rerouter:
                     new = out.sequences[:, ids.shape[1] :]
                     got = new.shape[1]
                     produced += got
+                    if not chunked:  # one call (beam search may return several rows per prompt): done
+                        ids = out.sequences
+                        break
                     if eos_ids and got:
                         hit = torch.zeros_like(finished)
                         for e in eos_ids:
