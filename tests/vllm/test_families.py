@@ -82,15 +82,28 @@ def _config(name: str) -> Any:
         return tf.DeepseekV2Config(**_DEEPSEEK, topk_method="group_limited_greedy")
     if name == "deepseek_v3":
         return tf.DeepseekV3Config(**_DEEPSEEK, topk_method="noaux_tc", scoring_func="sigmoid")
+    if name == "glm4_moe":  # GLM-4.5/4.6: partial RoPE, one dense layer, shared expert, grouped sigmoid router
+        return tf.Glm4MoeConfig(
+            **{**_COMMON, "num_hidden_layers": 3}, head_dim=32, intermediate_size=64, moe_intermediate_size=32,
+            n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, n_group=2,
+            topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0,
+        )
+    if name == "gpt_oss":
+        return tf.GptOssConfig(
+            **_COMMON, head_dim=32, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+            layer_types=["sliding_attention", "full_attention"], sliding_window=16,
+        )
+    if name == "granitemoe":
+        return tf.GraniteMoeConfig(**_COMMON, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2)
     raise KeyError(name)
 
 
-FAMILIES = ["qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3"]
+FAMILIES = ["qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "granitemoe"]
 #: Routers whose group vote (sum of each group's top-2 sigmoid scores + correction bias) runs after the
 #: edit: a hard-forced expert whose group loses the vote is dropped, on the HF side as in vLLM
 #: (tests/test_patch_families.py GROUP_VOTE). DeepSeek-V2's vote takes each group's max, which the
 #: forced expert always wins.
-GROUP_VOTE = {"deepseek_v3"}
+GROUP_VOTE = {"deepseek_v3", "glm4_moe"}
 
 
 def build_checkpoint(name: str, out: Path, seed: int = 0) -> str:
