@@ -104,8 +104,11 @@ def check_replay(model: nn.Module, layers: nn.ModuleList, first: int, batch: int
 def _probe(model: nn.Module, layers: nn.ModuleList, first: int, batch: int) -> ReplayCheck:
     from ttadapt.hf_compat import CACHE_KW, output_cache
 
-    emb = model.get_input_embeddings()
-    ids = ((torch.arange(8, device=emb.weight.device) * 7 + 3) % emb.weight.shape[0]).unsqueeze(0).expand(batch, -1)
+    try:
+        emb = model.get_input_embeddings().weight
+    except (AttributeError, NotImplementedError):  # no token embedding to size a probe by: do not reuse
+        return ReplayCheck(False, False)
+    ids = ((torch.arange(8, device=emb.device) * 7 + 3) % emb.shape[0]).unsqueeze(0).expand(batch, -1)
     ctx, nxt = ids[:, :-1], ids[:, -1:]
     try:
         with torch.no_grad():
