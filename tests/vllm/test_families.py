@@ -95,6 +95,12 @@ def _config(name: str) -> Any:
         )
     if name == "granitemoe":
         return tf.GraniteMoeConfig(**_COMMON, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2)
+    if name == "dots1":  # served by vLLM 0.32 through its Transformers backend (no GateLinear)
+        return tf.Dots1Config(
+            **{**_COMMON, "num_hidden_layers": 3}, head_dim=32, intermediate_size=64, moe_intermediate_size=32,
+            n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, n_group=2,
+            topk_group=1,
+        )
     raise KeyError(name)
 
 
@@ -316,3 +322,26 @@ def test_forced_expert_is_routed(fam: Family) -> None:
     forced.refresh()
     assert tokens[0] == _hf(fam, p, forced)
     assert tokens[0] != tokens[1], "forcing the expert changed no token: test is vacuous"
+
+
+def test_transformers_backend_model_rejects_payloads_and_keeps_serving(
+    tmp_path_factory: pytest.TempPathFactory, vt: Any
+) -> None:
+    """A model vLLM serves through its Transformers backend has no GateLinear to hook: a payload is refused
+    at admission with the reason (never accepted and silently ignored), and plain requests still serve."""
+    path = build_checkpoint("dots1", tmp_path_factory.mktemp("dots1"))
+    llm = make_llm(
+        path, dtype="float32", max_model_len=128, max_num_seqs=4, seed=0, distributed_executor_backend="uni",
+        enable_prefix_caching=False, skip_tokenizer_init=True,
+    )
+    try:
+        assert llm.llm_engine.vllm_config.model_config.architecture.startswith("Transformers")
+        prompt = [{"prompt_token_ids": PROMPTS[0]}]
+        plain = [o.outputs[0].token_ids for o in llm.generate(prompt, _sp(), use_tqdm=False)]
+        steered = sampling_params(steer={"promote": [FORCED], "hard": True, "num_experts": 8}, max_tokens=NEW_TOKENS,
+                                  temperature=0.0, ignore_eos=True, detokenize=False)
+        with pytest.raises(Exception, match="Transformers backend"):
+            llm.generate(prompt, steered, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in llm.generate(prompt, _sp(), use_tqdm=False)] == plain
+    finally:
+        vt.shutdown(llm)

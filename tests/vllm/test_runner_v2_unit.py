@@ -89,6 +89,17 @@ def test_v2_engine_limits_named_at_admission() -> None:
     assert "DBO" in (unsupported_engine(_config(use_ubatching=True)) or "")
 
 
+def test_models_served_by_the_transformers_backend_are_named_at_admission() -> None:
+    for runner_v2 in (False, True):
+        cfg = _config()
+        cfg.use_v2_model_runner = runner_v2
+        cfg.model_config = types.SimpleNamespace(architecture="TransformersMoEForCausalLM")
+        msg = unsupported_engine(cfg)
+        assert msg is not None and "Transformers backend (TransformersMoEForCausalLM)" in msg and "model_impl" in msg
+        cfg.model_config = types.SimpleNamespace(architecture="OlmoeForCausalLM")
+        assert unsupported_engine(cfg) is None
+
+
 def test_one_processor_class_serves_both_runners(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("vllm")
     from vllm.exceptions import VLLMValidationError

@@ -220,6 +220,11 @@ def validate_request_payload(sampling_params: Any) -> None:
 
 def unsupported_engine(vllm_config: Any) -> str | None:
     """Why this engine cannot apply payloads (an engine feature the hook cannot follow), or None."""
+    arch = str(getattr(getattr(vllm_config, "model_config", None), "architecture", "") or "")
+    if arch.startswith("Transformers"):  # its routers are transformers modules, not GateLinear
+        return (f"vLLM serves this model through its Transformers backend ({arch}), whose MoE routers are "
+                "not GateLinear, so ttadapt payloads cannot be applied; serve a model vLLM implements "
+                "natively (model_impl='vllm'), or use ttadapt with transformers")
     pc = getattr(vllm_config, "parallel_config", None)
     if pc is not None and (getattr(pc, "use_sequence_parallel_moe", False) or getattr(pc, "use_ubatching", False)):
         return ("ttadapt payloads are not supported with sequence-parallel MoE or DBO micro-batching "
