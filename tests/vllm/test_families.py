@@ -95,6 +95,13 @@ def _config(name: str) -> Any:
         )
     if name == "granitemoe":
         return tf.GraniteMoeConfig(**_COMMON, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2)
+    if name == "exaone_moe":  # EXAONE MoE: sliding + full attention, dense first layer, grouped sigmoid router
+        return tf.ExaoneMoeConfig(
+            **{**_COMMON, "num_hidden_layers": 3}, head_dim=32, intermediate_size=64, moe_intermediate_size=32,
+            num_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1, sliding_window=16,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            mlp_layer_types=["dense", "sparse", "sparse"],
+        )
     if name == "dots1":  # served by vLLM 0.32 through its Transformers backend (no GateLinear)
         return tf.Dots1Config(
             **{**_COMMON, "num_hidden_layers": 3}, head_dim=32, intermediate_size=64, moe_intermediate_size=32,
@@ -104,12 +111,14 @@ def _config(name: str) -> Any:
     raise KeyError(name)
 
 
-FAMILIES = ["qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "granitemoe"]
+FAMILIES = [
+    "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "granitemoe", "exaone_moe",
+]
 #: Routers whose group vote (sum of each group's top-2 sigmoid scores + correction bias) runs after the
 #: edit: a hard-forced expert whose group loses the vote is dropped, on the HF side as in vLLM
 #: (tests/test_patch_families.py GROUP_VOTE). DeepSeek-V2's vote takes each group's max, which the
 #: forced expert always wins.
-GROUP_VOTE = {"deepseek_v3", "glm4_moe"}
+GROUP_VOTE = {"deepseek_v3", "glm4_moe", "exaone_moe"}
 
 
 def build_checkpoint(name: str, out: Path, seed: int = 0) -> str:
