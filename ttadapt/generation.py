@@ -221,12 +221,13 @@ class Rerouter:
                         handle.load_state(_expand_state(state, ids.shape[0], n_ret))
                     gen.num_return_sequences = 1
                 elif beams > 1:  # beam search runs rows x beams over the prompt (generate expands the ids only)
-                    _, _, cache = _expand(ids, mask, cache, beams)
+                    cache = _repeat_cache(cache, beams)
                     if state.batch_size is not None:
                         handle.load_state(_expand_state(state, ids.shape[0] * beams, beams))
                 finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
                 procs = [_FinishedRows(finished, pad_id), *logits_processor]
-                criteria = StoppingCriteriaList([_RecordStops(stopping, finished)]) if stopping and beams == 1 else stopping
+                record_stops = stopping and beams == 1  # beams: one call, no rows to carry into later chunks
+                criteria = StoppingCriteriaList([_RecordStops(stopping, finished)]) if record_stops else stopping
                 produced, out = 0, None
                 steps_out: dict[str, list[Any]] = {}  # per-token outputs of every chunk (scores, logits, ...)
                 while True:
@@ -351,13 +352,14 @@ def _given_state(state: RouterState, rows: int) -> RouterState:
 
 
 def _expand(ids: torch.Tensor, mask: torch.Tensor, cache: Any, n: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
-    """Each prompt ``n`` times for its samples; a cache that cannot be repeated is dropped (``generate`` then
-    prefills the repeated prompts under the same state, which gives the same keys and values)."""
-    ids = ids.repeat_interleave(n, dim=0)
-    mask = mask.repeat_interleave(n, dim=0)
-    if cache is not None and not repeat_rows(cache, n):
-        cache = None
-    return ids, mask, cache
+    """Each prompt ``n`` times for its samples, with its cache (:func:`_repeat_cache`)."""
+    return ids.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0), _repeat_cache(cache, n)
+
+
+def _repeat_cache(cache: Any, n: int) -> Any:
+    """Every row of ``cache`` ``n`` times; a cache that cannot be repeated is dropped (``generate`` then prefills
+    the repeated prompts under the same state, which gives the same keys and values)."""
+    return cache if cache is not None and repeat_rows(cache, n) else None
 
 
 def _expand_state(state: RouterState, rows: int, n: int) -> RouterState:

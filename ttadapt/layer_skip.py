@@ -111,13 +111,13 @@ def _probe(model: nn.Module, layers: nn.ModuleList, first: int, batch: int) -> R
     ids = ((torch.arange(8, device=emb.device) * 7 + 3) % emb.shape[0]).unsqueeze(0).expand(batch, -1)
     ctx, nxt = ids[:, :-1], ids[:, -1:]
     try:
-        with torch.no_grad():
-            with LayerInputs(layers, {first}) as cap:
-                full = model(input_ids=ctx, use_cache=True)
-            with skip_below(layers, first, cap.inputs[first]):
-                part = model(input_ids=ctx, use_cache=True)
+        full, part = _with_and_without_replay(model, layers, first, ctx, use_cache=True)
     except Exception:  # a layer whose output the next one unpacks (tuples), or a cache that needs every layer
-        return ReplayCheck(_replays_without_cache(model, layers, first, ctx), False)
+        try:
+            full, part = _with_and_without_replay(model, layers, first, ctx, use_cache=False)
+        except Exception:
+            return ReplayCheck(False, False)
+        return ReplayCheck(_same(part.logits, full.logits), False)
     if not _same(part.logits, full.logits):
         return ReplayCheck(False, False)
     try:
@@ -133,15 +133,15 @@ def _probe(model: nn.Module, layers: nn.ModuleList, first: int, batch: int) -> R
         return ReplayCheck(True, False)
 
 
-def _replays_without_cache(model: nn.Module, layers: nn.ModuleList, first: int, ids: torch.Tensor) -> bool:
-    try:
-        with torch.no_grad():
-            with LayerInputs(layers, {first}) as cap:
-                full = model(input_ids=ids, use_cache=False).logits
-            with skip_below(layers, first, cap.inputs[first]):
-                return _same(model(input_ids=ids, use_cache=False).logits, full)
-    except Exception:
-        return False
+@torch.no_grad()
+def _with_and_without_replay(
+    model: nn.Module, layers: nn.ModuleList, first: int, ids: torch.Tensor, *, use_cache: bool
+) -> tuple[Any, Any]:
+    """The model's outputs on ``ids``: a plain forward, then one with the layers below ``first`` replayed."""
+    with LayerInputs(layers, {first}) as cap:
+        full = model(input_ids=ids, use_cache=use_cache)
+    with skip_below(layers, first, cap.inputs[first]):
+        return full, model(input_ids=ids, use_cache=use_cache)
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
