@@ -31,6 +31,42 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert held["ratio"] == pytest.approx(1.0) and held["rss_ratio"] == pytest.approx(1.0)
     assert (tmp_path / "bench.png").stat().st_size > 0
     assert "ratio vs plain" in (tmp_path / "bench.md").read_text()
+    units = data["unit_costs"]  # one per context: 2 rounds (interval 3, 6 new) of paper's 5 steps
+    assert [(u["context"], u["rounds"], u["steps"], u["mean_context"]) for u in units] == [(24, 2, 5, 26), (40, 2, 5, 42)]
+    assert all(u["predicted_ratio"] == pytest.approx(1 + 2 * 5 * u["quotient"] / 6) for u in units)
+    assert (tmp_path / "bench.md").read_text().count("Cost model (context") == 2
+
+
+def test_cost_model_arithmetic_and_round_contexts() -> None:
+    from ttadapt.eval.bench.unit import UnitCosts, round_contexts
+
+    assert round_contexts(200, 256, 128) == [200, 328]
+    assert round_contexts(200, 257, 128) == [200, 328, 456]
+    assert round_contexts(200, 256, None) == [200]
+    u = UnitCosts(context=200, new_tokens=256, rounds=2, steps=5, mean_context=264, fwd_bwd_s=0.078, decode_token_s=0.0049)
+    assert u.quotient == pytest.approx(0.078 / 0.0049)
+    assert u.predicted_ratio == pytest.approx(1 + 10 * (0.078 / 0.0049) / 256)
+    assert "= 1.62× plain" in u.describe() and u.to_dict()["predicted_ratio"] == pytest.approx(u.predicted_ratio)
+
+
+def test_unit_costs_leave_the_model_as_found() -> None:
+    import torch
+
+    import ttadapt
+    from ttadapt.eval.bench.models import build
+    from ttadapt.eval.bench.unit import measure_unit_costs
+
+    model, vocab = build("tiny", device="cpu", dtype=torch.float32)
+    ids = torch.randint(2, vocab, (1, 10), generator=torch.Generator().manual_seed(0))
+    before = model(ids).logits
+    kw = dict(vocab=vocab, steps=3, interval=4, decode={}, device="cpu", repeats=1)
+    u = measure_unit_costs(model, ids, 9, **kw)
+    assert (u.rounds, u.mean_context) == (3, 14) and u.fwd_bwd_s > 0 and u.decode_token_s > 0
+    assert ttadapt.get_handle(model) is None and torch.equal(model(ids).logits, before)  # patched only meanwhile
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())
+    with ttadapt.patch(model) as h:  # an existing patch (static decode) is used and kept, its state untouched
+        measure_unit_costs(model, ids, 9, **kw)
+        assert ttadapt.get_handle(model) is h and not h.state.delta.any() and h.state.delta.grad is None
 
 
 def test_bench_static_decode_applies_to_every_method(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch
 
 from .measure import interleave, paired_ratio
 from .models import build
+from .unit import UnitCosts, measure_unit_costs
 from .vllm_path import VLLM_METHODS, is_vllm
 
 METHODS = ("plain", "paper", "paper-naive", "paper-last", "paper-last-naive", "fast", "default")
@@ -180,8 +182,9 @@ def _vllm_version() -> str | None:
     return str(vllm.__version__)
 
 
-def run_timing(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Interleaved timings per context and length; vLLM methods (if any) share one engine."""
+def run_timing(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[UnitCosts]]:
+    """Interleaved timings per context and length (vLLM methods, if any, share one engine), and the cost
+    model's unit costs for each (with paper steps and interval unless ``--steps``/``--interval`` say)."""
     import contextlib
 
     from . import vllm_path
@@ -189,7 +192,8 @@ def run_timing(args: argparse.Namespace) -> list[dict[str, Any]]:
     dtype = getattr(torch, args.dtype)
     model, vocab = build(args.model, device=args.device, dtype=dtype, layers=args.layers)
     _patch_for_compile(model, args.decode)
-    rows = []
+    rows, units = [], []
+    paper = _config("paper", args)
     g = torch.Generator().manual_seed(0)
     with contextlib.ExitStack() as stack:
         llm = None
@@ -216,7 +220,12 @@ def run_timing(args: argparse.Namespace) -> list[dict[str, Any]]:
                         "peak_mib": max(t.peak_bytes) / 2**20 if t.peak_bytes else None,
                     })
                 print(f"context {ctx}, {new} new: " + ", ".join(f"{r['method']} {r['ratio']:.2f}x" for r in rows[-len(res):]), file=sys.stderr)
-    return rows
+                units.append(measure_unit_costs(
+                    model, ids, new, vocab=vocab, steps=paper.steps, interval=paper.interval,
+                    decode=decode_kwargs(args.decode), device=args.device,
+                ))
+                print(units[-1].describe(), file=sys.stderr)
+    return rows, units
 
 
 def _worker(args: argparse.Namespace, method: str, ctx: int, measure: str) -> dict[str, Any]:
@@ -279,7 +288,9 @@ def _one(args: argparse.Namespace) -> None:
     print(json.dumps(report))
 
 
-def to_markdown(env: dict[str, Any], timing: list[dict[str, Any]], memory: list[dict[str, Any]]) -> str:
+def to_markdown(
+    env: dict[str, Any], timing: list[dict[str, Any]], memory: list[dict[str, Any]], units: Sequence[UnitCosts] = (),
+) -> str:
     layers = f" ({env['layers']} layers)" if env["layers"] else ""
     vllm = f", vLLM {env['vllm']}" if env.get("vllm") else ""
     lines = [f"Device: {env['device']}; torch {env['torch']}, transformers {env['transformers']}{vllm}; model {env['model']}"
@@ -299,6 +310,8 @@ def to_markdown(env: dict[str, Any], timing: list[dict[str, Any]], memory: list[
                 f"**{r['ratio']:.2f}×** |" + ((f" **{rv:.2f}×** |" if rv is not None else " – |") if vl else "")
                 + "".join(f" {p.get(k, 0):.3f} |" for k in phases)
             )
+    if units:
+        lines += [""] + [u.describe() for u in units]
     if memory:
         rss = "rss_mib" in memory[0]
         lines += ["", "| context | method | tensor peak MiB | ratio vs plain |" + (" peak RSS MiB | RSS ratio |" if rss else ""),
@@ -381,17 +394,18 @@ def main(argv: list[str] | None = None) -> int:
         if "vllm" not in args.methods:
             args.methods.append("vllm")  # the vLLM methods' baseline
     env = _env(args)
-    timing = run_timing(args) if args.mode in ("all", "time") else []
+    timing, units = run_timing(args) if args.mode in ("all", "time") else ([], [])
     memory: list[dict[str, Any]] = []
     if args.mode in ("all", "memory"):
         mem_args = argparse.Namespace(**{**vars(args), "context": args.memory_context or args.context})
         memory = run_memory(mem_args)
-    md = to_markdown(env, timing, memory)
+    md = to_markdown(env, timing, memory, units)
     print(md)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "bench.json").write_text(json.dumps({"env": env, "args": {k: str(v) for k, v in vars(args).items()},
-                                                         "timing": timing, "memory": memory}, indent=1))
+                                                         "timing": timing, "memory": memory,
+                                                         "unit_costs": [u.to_dict() for u in units]}, indent=1))
         (args.out / "bench.md").write_text(md)
         if timing and len(args.context) > 1:
             plot(timing, args.out / "bench.png")
