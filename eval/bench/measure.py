@@ -31,7 +31,8 @@ class Timing:
         return {k: statistics.median(p.get(k, 0.0) for p in self.phases) for k in keys}
 
 
-def _sync(device: str) -> None:
+def sync(device: str) -> None:
+    """Wait for queued GPU work, so wall-clock times cover it (no-op on CPU)."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
@@ -48,10 +49,10 @@ def interleave(
         for name, fn in methods.items():
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             res = fn()
-            _sync(device)
+            sync(device)
             out[name].seconds.append(time.perf_counter() - t0)
             if device.startswith("cuda"):
                 out[name].peak_bytes.append(torch.cuda.max_memory_allocated())

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from .measure import sync
+
 
 @dataclass(frozen=True)
 class UnitCosts:
@@ -76,7 +78,7 @@ def measure_unit_costs(
                 token_losses(logits[:, :-1], x[:, 1:]).mean().backward()
 
         fb = _median(fwd_bwd, repeats, device)
-    extra = max(1, min(new_tokens, 32))
+    extra = 32  # decode steps timed (the difference of two generate calls), whatever new_tokens is
     short = dict(decode, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     long = dict(short, max_new_tokens=4 + extra, min_new_tokens=4 + extra)
     per_token = statistics.median(
@@ -85,7 +87,7 @@ def measure_unit_costs(
     )
     return UnitCosts(
         context=ids.shape[1], new_tokens=new_tokens, rounds=len(ctxs), steps=steps, mean_context=mean_ctx,
-        fwd_bwd_s=fb, decode_token_s=max(per_token, 1e-9),
+        fwd_bwd_s=fb, decode_token_s=max(per_token, 1e-9),  # noise cannot make it zero or negative
     )
 
 
@@ -105,16 +107,11 @@ def _patched(model: Any) -> Iterator[Any]:
         handle.unpatch()
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def _timed(fn: Callable[[], Any], device: str) -> float:
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     fn()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0
 
 
