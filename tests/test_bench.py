@@ -37,6 +37,18 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert (tmp_path / "bench.md").read_text().count("Cost model (context") == 2
 
 
+def test_bench_unit_mode_reports_only_the_cost_model(tmp_path: Path) -> None:
+    from ttadapt.eval.bench.cli import main
+
+    rc = main(["unit", "--model", "tiny", "--context", "12", "--new-tokens", "6", "9", "--interval", "3", "--steps", "2",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["timing"] == [] and data["memory"] == []
+    assert [(u["rounds"], u["steps"], u["mean_context"]) for u in data["unit_costs"]] == [(2, 2, 14), (3, 2, 15)]
+    assert (tmp_path / "bench.md").read_text().count("Cost model (context 12") == 2
+
+
 def test_cost_model_arithmetic_and_round_contexts() -> None:
     from ttadapt.eval.bench.unit import UnitCosts, round_contexts
 

@@ -193,7 +193,6 @@ def run_timing(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[Uni
     model, vocab = build(args.model, device=args.device, dtype=dtype, layers=args.layers)
     _patch_for_compile(model, args.decode)
     rows, units = [], []
-    paper = _config("paper", args)
     g = torch.Generator().manual_seed(0)
     with contextlib.ExitStack() as stack:
         llm = None
@@ -220,12 +219,30 @@ def run_timing(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[Uni
                         "peak_mib": max(t.peak_bytes) / 2**20 if t.peak_bytes else None,
                     })
                 print(f"context {ctx}, {new} new: " + ", ".join(f"{r['method']} {r['ratio']:.2f}x" for r in rows[-len(res):]), file=sys.stderr)
-                units.append(measure_unit_costs(
-                    model, ids, new, vocab=vocab, steps=paper.steps, interval=paper.interval,
-                    decode=decode_kwargs(args.decode), device=args.device,
-                ))
+                units.append(_unit_costs(model, vocab, ids, new, args))
                 print(units[-1].describe(), file=sys.stderr)
     return rows, units
+
+
+def run_units(args: argparse.Namespace) -> list[UnitCosts]:
+    """Only the cost model per context and length: a quick estimate of every preset's ratio on a device."""
+    model, vocab = build(args.model, device=args.device, dtype=getattr(torch, args.dtype), layers=args.layers)
+    _patch_for_compile(model, args.decode)
+    g = torch.Generator().manual_seed(0)
+    units = []
+    for ctx in args.context:
+        ids = torch.randint(2, vocab, (1, ctx), generator=g).to(args.device)
+        units += [_unit_costs(model, vocab, ids, new, args) for new in args.new_tokens]
+    return units
+
+
+def _unit_costs(model: Any, vocab: int, ids: torch.Tensor, new: int, args: argparse.Namespace) -> UnitCosts:
+    """The cost model on the paper schedule (``--steps``/``--interval`` override it), with the run's decode."""
+    paper = _config("paper", args)
+    return measure_unit_costs(
+        model, ids, new, vocab=vocab, steps=paper.steps, interval=paper.interval,
+        decode=decode_kwargs(args.decode), device=args.device,
+    )
 
 
 def _worker(args: argparse.Namespace, method: str, ctx: int, measure: str) -> dict[str, Any]:
@@ -311,7 +328,7 @@ def to_markdown(
                 + "".join(f" {p.get(k, 0):.3f} |" for k in phases)
             )
     if units:
-        lines += [""] + [u.describe() for u in units]
+        lines += ([""] if timing else []) + [u.describe() for u in units]
     if memory:
         rss = "rss_mib" in memory[0]
         lines += ["", "| context | method | tensor peak MiB | ratio vs plain |" + (" peak RSS MiB | RSS ratio |" if rss else ""),
@@ -343,7 +360,8 @@ def plot(timing: list[dict[str, Any]], path: Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ttadapt bench", description=__doc__)
-    p.add_argument("mode", nargs="?", default="all", choices=["all", "time", "memory", "_one"])
+    p.add_argument("mode", nargs="?", default="all", choices=["all", "time", "memory", "unit", "_one"],
+                   help="unit: only the cost model's unit costs and predicted ratios (seconds, no interleaved runs)")
     p.add_argument("--model", default="embedded", help="embedded | tiny | olmoe-1b-7b | local path")
     p.add_argument("--layers", type=int, default=None, help="override the layer count of a SHAPES model")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -395,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
             args.methods.append("vllm")  # the vLLM methods' baseline
     env = _env(args)
     timing, units = run_timing(args) if args.mode in ("all", "time") else ([], [])
+    if args.mode == "unit":
+        units = run_units(args)
     memory: list[dict[str, Any]] = []
     if args.mode in ("all", "memory"):
         mem_args = argparse.Namespace(**{**vars(args), "context": args.memory_context or args.context})

@@ -2,7 +2,8 @@
 
 A run adapting ``rounds`` times with ``steps`` forward+backward passes each, over contexts of mean length
 ``T``, costs about ``1 + rounds * steps * (fwd+bwd(T) / decode step) / new_tokens`` times plain
-``generate`` (confidence pass, refresh and chunk restarts are left out: they are small next to the steps).
+``generate`` (confidence pass, refresh and chunk restarts are left out: they are small next to the steps;
+so is memory mode's recomputation, which the presets switch on from 2048 tokens).
 Measuring the two unit costs on a device says where a preset's ratio will land there, and why.
 """
 
