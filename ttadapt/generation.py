@@ -264,7 +264,7 @@ class Rerouter:
                         finished |= hit
                     mask = torch.cat([mask, mask.new_ones(mask.shape[0], got)], dim=1)
                     ids = out.sequences
-                    if produced >= max_new or got < chunk or bool(finished.all()) or not chunked:
+                    if produced >= max_new or got < chunk or bool(finished.all()):
                         break
                     stale = output_cache(out) if cfg.kv_policy == "stale" else None
                     prior = [output_cache(out)]  # a skipped round continues from it; a window reads its prefix
